@@ -1,0 +1,191 @@
+"""The call contract shared by every preconditioned denoiser (ALGORITHM.md §1.2-§1.4, §3).
+
+A denoiser is D(x; sigma, c) = c_skip(sigma) x + c_out(sigma) F(c_in(sigma) x, c_noise(sigma), c), where F is a raw
+UNet. Subclasses supply the preconditioning coefficients and the backbone; this class owns input checking, the
+`return_flag` dispatch (decoder / encoder discriminator / both from one pass), dtype handling and the logvar output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.modeling_utils import ModelMixin
+
+RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
+
+SigmaLike = Union[float, int, torch.Tensor, Sequence[float]]
+
+
+class Denoiser(ModelMixin, ConfigMixin):
+    """Base class of EDM/EDM2 preconditioned denoisers.
+
+    Call: ``model(x, sigma, class_labels=None, augment_labels=None, return_flag="decoder", return_logvar=False)``.
+
+    * ``sigma``: a number, or a tensor of shape ``[N]`` / ``[N,1,1,1]`` (or one element, broadcast).
+    * ``class_labels``: one-hot ``[N, label_dim]`` (integer class indices of shape ``[N]`` are accepted too).
+      A conditional model called with ``None`` uses an all-zero label row, as the official networks do.
+    * ``return_flag``: ``"decoder"`` -> denoised ``[N,C,H,W]``; ``"encoder"`` -> discriminator logits
+      ``[N,1,h,w]`` (channel mean of the last encoder block, encoder only); ``"encoder_decoder"`` ->
+      ``(denoised, logits)`` from one forward pass.
+    * ``return_logvar=True`` (models with a logvar head) appends the logvar ``[N,1,1,1]`` as the last element.
+    """
+
+    #: attribute name of the raw UNet ("model" for EDM, "unet" for EDM2), as in the official state dicts
+    backbone_name = "model"
+
+    # ---- to be provided by subclasses -------------------------------------------------------------------------
+    def preconditioning(self, sigma: torch.Tensor):
+        """Return ``(c_skip, c_out, c_in, c_noise)`` for ``sigma`` of shape ``[N,1,1,1]``; c_noise has shape [N]."""
+        raise NotImplementedError
+
+    def logvar(self, c_noise: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden where it exists
+        raise ValueError(f"{type(self).__name__} has no logvar head; call it with return_logvar=False.")
+
+    # ---- properties every consumer relies on ------------------------------------------------------------------
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return getattr(self, self.backbone_name)
+
+    @property
+    def img_resolution(self) -> int:
+        return int(self.config.img_resolution)
+
+    @property
+    def img_channels(self) -> int:
+        return int(self.config.img_channels)
+
+    @property
+    def label_dim(self) -> int:
+        return int(self.config.label_dim)
+
+    @property
+    def is_conditional(self) -> bool:
+        return self.label_dim > 0
+
+    @property
+    def augment_dim(self) -> int:
+        return int(getattr(self.backbone, "augment_dim", 0) or 0)
+
+    @property
+    def has_logvar(self) -> bool:
+        return False
+
+    @property
+    def sigma_data(self) -> float:
+        return float(getattr(self.config, "sigma_data", 0.5))
+
+    def unet_dtype(self, x: torch.Tensor) -> torch.dtype:
+        """The dtype the raw UNet runs in: float16 only with ``use_fp16`` on CUDA (ALGORITHM.md §1.4)."""
+        if getattr(self.config, "use_fp16", False) and x.device.type == "cuda":
+            return torch.float16
+        return torch.float32
+
+    # ---- input handling ----------------------------------------------------------------------------------------
+    def _prepare_inputs(self, x, sigma, class_labels, augment_labels, return_flag, return_logvar):
+        name = type(self).__name__
+        if return_flag not in RETURN_FLAGS:
+            raise ValueError(f"return_flag must be one of {RETURN_FLAGS}, got {return_flag!r}.")
+        if return_logvar and not self.has_logvar:
+            raise ValueError(f"{name} has no logvar head; call it with return_logvar=False.")
+        if not torch.is_tensor(x) or x.ndim != 4:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} expects x of shape [N, C, H, W], got {shape}.")
+        n, c, h, w = x.shape
+        expected = (self.img_channels, self.img_resolution, self.img_resolution)
+        if (c, h, w) != expected:
+            raise ValueError(
+                f"{name} was built for images of shape [N, {expected[0]}, {expected[1]}, {expected[2]}] "
+                f"(img_channels={expected[0]}, img_resolution={expected[1]}) but got {list(x.shape)}. "
+                "Resize or convert the data to the teacher's resolution and channel count, or use a teacher "
+                "trained at this shape."
+            )
+        x = x.to(torch.float32)
+
+        if torch.is_tensor(sigma):
+            sigma = sigma.to(device=x.device, dtype=torch.float32)
+        else:
+            sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.numel() == 1:
+            sigma = sigma.reshape(1, 1, 1, 1).expand(n, 1, 1, 1)
+        elif sigma.numel() == n:
+            sigma = sigma.reshape(n, 1, 1, 1)
+        else:
+            raise ValueError(f"sigma must be a number or hold one value per sample ({n}), got shape {list(sigma.shape)}.")
+
+        class_labels = self._prepare_labels(class_labels, n, x.device)
+
+        if augment_labels is not None:
+            if self.augment_dim == 0:
+                augment_labels = None  # the official networks ignore augment labels without map_augment
+            else:
+                augment_labels = torch.as_tensor(augment_labels, device=x.device).to(torch.float32)
+                if augment_labels.ndim != 2 or augment_labels.shape[1] != self.augment_dim:
+                    raise ValueError(
+                        f"augment_labels must have shape [N, {self.augment_dim}], got {list(augment_labels.shape)}."
+                    )
+                if augment_labels.shape[0] == 1 and n > 1:
+                    augment_labels = augment_labels.expand(n, -1)
+                elif augment_labels.shape[0] != n:
+                    raise ValueError(f"augment_labels has {augment_labels.shape[0]} rows for a batch of {n}.")
+        return x, sigma, class_labels, augment_labels
+
+    def _prepare_labels(self, class_labels, n: int, device) -> Optional[torch.Tensor]:
+        name = type(self).__name__
+        if self.label_dim == 0:
+            if class_labels is not None and torch.as_tensor(class_labels).numel() > 0:
+                raise ValueError(f"{name} is unconditional (label_dim=0) but class_labels were given; pass None.")
+            return None
+        if class_labels is None:
+            return torch.zeros([1, self.label_dim], device=device)
+        labels = torch.as_tensor(class_labels, device=device)
+        if not labels.is_floating_point() and labels.ndim <= 1:
+            labels = labels.reshape(-1).long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
+                raise ValueError(f"class index out of range for label_dim={self.label_dim}: {labels.tolist()}.")
+            labels = torch.nn.functional.one_hot(labels, self.label_dim)
+        labels = labels.to(torch.float32)
+        if labels.ndim != 2 or labels.shape[1] != self.label_dim:
+            raise ValueError(
+                f"{name} expects one-hot class_labels of shape [N, {self.label_dim}] (label_dim={self.label_dim}), "
+                f"got {list(labels.shape)}."
+            )
+        if labels.shape[0] not in (1, n):
+            raise ValueError(f"class_labels has {labels.shape[0]} rows for a batch of {n}.")
+        return labels
+
+    # ---- the forward pass ----------------------------------------------------------------------------------------
+    def run_backbone(self, x_in, c_noise, class_labels, augment_labels, return_flag):
+        """Call the raw UNet; subclasses may adapt the arguments (e.g. EDM2 takes no augment labels)."""
+        return self.backbone(x_in, c_noise, class_labels=class_labels, augment_labels=augment_labels,
+                             return_flag=return_flag)
+
+    def select_output(self, f_x: torch.Tensor) -> torch.Tensor:
+        """Hook for nets whose raw output has extra channels (iDDPM keeps the first img_channels)."""
+        return f_x
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: SigmaLike,
+        class_labels: Optional[torch.Tensor] = None,
+        augment_labels: Optional[torch.Tensor] = None,
+        return_flag: str = "decoder",
+        return_logvar: bool = False,
+    ):
+        x, sigma, class_labels, augment_labels = self._prepare_inputs(
+            x, sigma, class_labels, augment_labels, return_flag, return_logvar
+        )
+        c_skip, c_out, c_in, c_noise = self.preconditioning(sigma)
+        out = self.run_backbone((c_in * x).to(self.unet_dtype(x)), c_noise, class_labels, augment_labels, return_flag)
+
+        if return_flag == "encoder":
+            result = (out.to(torch.float32),)
+        else:
+            f_x, logits = (out if return_flag == "encoder_decoder" else (out, None))
+            denoised = c_skip * x + c_out * self.select_output(f_x.to(torch.float32))
+            result = (denoised,) if logits is None else (denoised, logits.to(torch.float32))
+        if return_logvar:
+            result = result + (self.logvar(c_noise),)
+        return result[0] if len(result) == 1 else result

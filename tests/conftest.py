@@ -1,0 +1,28 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("SIDA_SHARED_DIR", REPO_ROOT.parent / "shared"))
+FIXTURES_DIR = SHARED_DIR / "fixtures"
+
+requires_fixtures = pytest.mark.skipif(
+    not (FIXTURES_DIR / "README.md").exists(),
+    reason=f"parity fixtures not found at {FIXTURES_DIR} (they live in ../shared/fixtures beside the repo; "
+    "set SIDA_SHARED_DIR to point elsewhere)",
+)
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def fixtures_dir():
+    if not (FIXTURES_DIR / "README.md").exists():
+        pytest.skip(f"parity fixtures not found at {FIXTURES_DIR}")
+    return FIXTURES_DIR

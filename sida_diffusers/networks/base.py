@@ -77,7 +77,13 @@ class Denoiser(ModelMixin, ConfigMixin):
         return float(getattr(self.config, "sigma_data", 0.5))
 
     def unet_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the raw UNet runs in: float16 only with ``use_fp16`` on CUDA (ALGORITHM.md §1.4)."""
+        """The dtype the raw UNet runs in: float16 only with ``use_fp16`` on CUDA (ALGORITHM.md §1.4).
+
+        Under ``torch.autocast`` the input stays float32 and autocast picks the compute dtype, so the input is not
+        rounded to float16 before being cast to, say, bfloat16.
+        """
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.float32
         if getattr(self.config, "use_fp16", False) and x.device.type == "cuda":
             return torch.float16
         return torch.float32

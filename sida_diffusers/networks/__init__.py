@@ -1,10 +1,15 @@
 """Raw UNets and preconditioned denoisers (EDM and EDM2 families)."""
 
 from sida_diffusers.networks.base import RETURN_FLAGS, Denoiser
+from sida_diffusers.networks.edm import DhariwalUNet, SongUNet, UNetBlock
 from sida_diffusers.networks.edm2 import normalize_mpconv_weights_
+from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from sida_diffusers.networks.precond_edm2 import EDM2Precond
 
-__all__ = ["Denoiser", "EDM2Precond", "RETURN_FLAGS", "denoiser_from_official", "normalize_mpconv_weights_"]
+__all__ = [
+    "Denoiser", "DhariwalUNet", "EDM2Precond", "EDMPrecond", "RETURN_FLAGS", "SongUNet", "UNetBlock", "VEPrecond",
+    "VPPrecond", "denoiser_from_official", "iDDPMPrecond", "normalize_mpconv_weights_",
+]
 
 # Official class names -> (our class path, extra arguments). SiDA's encoder/decoder wrappers are the same networks
 # with the return_flag added, so they map onto our classes unchanged (ALGORITHM.md §3); SiDA's EDM2 generator is an

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
@@ -16,6 +17,17 @@ from diffusers.models.modeling_utils import ModelMixin
 RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
 
 SigmaLike = Union[float, int, torch.Tensor, Sequence[float]]
+
+
+def plain_config(value):
+    """Official init_kwargs as JSON-able Python (tuples -> lists, numpy scalars -> numbers), for config.json."""
+    if isinstance(value, dict):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return [plain_config(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
 
 
 class Denoiser(ModelMixin, ConfigMixin):

@@ -11,23 +11,11 @@ from __future__ import annotations
 import inspect
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from sida_diffusers.networks.base import Denoiser
+from sida_diffusers.networks.base import Denoiser, plain_config
 from sida_diffusers.networks.edm2 import MPConv, MPFourier, UNet, normalize_mpconv_weights_
-
-
-def _plain(value):
-    """JSON-friendly copy of an official init_kwargs value: numpy scalars -> Python numbers, tuples -> lists."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
 
 
 class EDM2Precond(Denoiser):
@@ -85,7 +73,7 @@ class EDM2Precond(Denoiser):
         accepted; SiDA's training-only flags (`force_normalization`, `use_gan`) are dropped by
         `denoiser_from_official`.
         """
-        kwargs = {k: _plain(v) for k, v in dict(init_kwargs).items() if k != "class_name"}
+        kwargs = {k: plain_config(v) for k, v in dict(init_kwargs).items() if k != "class_name"}
         known = set(inspect.signature(cls.__init__).parameters) - {"self"}
         unknown = sorted(set(kwargs) - known)
         if unknown:

@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_denoiser": "sida_diffusers.checkpoints",
     "convert_official": "sida_diffusers.checkpoints",
+    "read_official_pickle": "sida_diffusers.checkpoints",
+    "KNOWN_CHECKPOINTS": "sida_diffusers.checkpoints",
     "SiDAPipeline": "sida_diffusers.pipelines",
     "EDMHeunPipeline": "sida_diffusers.pipelines",
     "export_pipeline": "sida_diffusers.hub",

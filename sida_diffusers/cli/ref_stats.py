@@ -1,0 +1,80 @@
+"""`sida-ref-stats DATA OUT.npz`: reference statistics of a dataset for `sida-eval` and the trainer's metrics.
+
+DATA is any source `sida_diffusers.training.data.build_dataset` reads (HF dataset, image folder, EDM zip, digits).
+OUT.npz holds, per metric, the Gaussian fit (mu, sigma) of the dataset's features, the raw features with --features
+(or when kid/pr are asked for), metadata (extractor, Inception mode, image count, feature dimension) and the
+dataset's class labels, which `sida-eval` draws generation labels from (ALGORITHM.md §9.1).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from sida_diffusers.digits import register_digits_metric
+from sida_diffusers.evaluation import MetricSuite, available_metrics, save_reference
+
+
+def main(argv=None) -> int:
+    """Compute and write reference statistics; `argv` defaults to the command line."""
+    register_digits_metric()  # fd_digits is always available by name on the command line
+    parser = argparse.ArgumentParser(prog="sida-ref-stats", description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="dataset source (anything build_dataset reads, e.g. an image folder)")
+    parser.add_argument("out", help="output .npz")
+    parser.add_argument("--metrics", default="fid", help=f"comma-separated, from {', '.join(available_metrics())} "
+                                                         "or a registered custom metric (default fid)")
+    parser.add_argument("--features", action="store_true", help="also store raw features (needed by kid and pr)")
+    parser.add_argument("--max-images", "--max_images", type=int, help="use only the first N images (default all)")
+    parser.add_argument("--resolution", type=int, help="resolution passed to build_dataset")
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: clean-fid's /tmp copy)")
+    parser.add_argument("--inception-mode", "--inception_mode", default="legacy_tensorflow",
+                        choices=("legacy_tensorflow", "clean"))
+    parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id (default facebook/dinov2-large)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not args.out.endswith(".npz"):
+        parser.error(f"OUT must end in .npz, got {args.out}")
+
+    from sida_diffusers.training.data import build_dataset
+
+    try:
+        dataset = build_dataset(args.data, resolution=args.resolution)
+        num_images = min(len(dataset), args.max_images or len(dataset))
+        first = np.asarray(dataset[0][0])
+        if first.dtype != np.uint8:
+            raise ValueError(f"{args.data} yields {first.dtype} items, not uint8 images (EDM2 latents?); compute "
+                             "reference statistics from the pixel images.")
+        suite = MetricSuite(args.metrics, None, num_samples=num_images, batch_size=args.batch_size,
+                            device=args.device, inception=args.inception, inception_mode=args.inception_mode,
+                            dinov2=args.dinov2, image_shape=first.shape)
+        suite.validate(require_reference=False)
+    except (ValueError, FileNotFoundError, TypeError, OSError) as error:
+        parser.exit(2, f"sida-ref-stats: error: {error}\n")
+
+    subset = torch.utils.data.Subset(dataset, range(num_images))
+    loader = iter(torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers,
+                                              collate_fn=list))
+    labels = []
+
+    def sample_fn(start, count):
+        items = next(loader)
+        labels.extend(int(label) for _, label in items)
+        return torch.stack([torch.as_tensor(np.asarray(image)) for image, _ in items])
+
+    entries, meta = suite.reference_entries(sample_fn, num_images, with_features=args.features)
+    for entry in meta.values():
+        entry["source"] = args.data
+    labels = np.asarray(labels, dtype=np.int64)
+    labels = labels if (labels >= 0).all() else None  # build_dataset marks unlabelled items with -1
+    save_reference(args.out, entries, meta, labels=labels)
+    dims = ", ".join(f"{name}: {m['feature_dim']}-d" for name, m in meta.items())
+    print(f"wrote {args.out}: {num_images} images, {dims}" + (f", {len(labels)} labels" if labels is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

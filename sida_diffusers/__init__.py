@@ -14,7 +14,10 @@ _LAZY = {
     "KNOWN_CHECKPOINTS": "sida_diffusers.checkpoints",
     "SiDAPipeline": "sida_diffusers.pipelines",
     "EDMHeunPipeline": "sida_diffusers.pipelines",
+    "edm_sampler": "sida_diffusers.pipelines",
+    "seed_generators": "sida_diffusers.pipelines",
     "export_pipeline": "sida_diffusers.hub",
+    "push_to_hub": "sida_diffusers.hub",
 }
 
 from sida_diffusers.networks import *  # noqa: E402,F401,F403

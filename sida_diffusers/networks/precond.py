@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (Diffusers' loader looks the base class up here)
 
 from sida_diffusers.networks.base import Denoiser, plain_config
 from sida_diffusers.networks.edm import build_unet

@@ -1,0 +1,108 @@
+"""`sida-sample PIPELINE --seeds 0-49999 --outdir DIR`: one PNG per seed (or one .npz) from a saved pipeline.
+
+Every image gets its own generator seeded with its seed (EDM's convention, ALGORITHM.md §9.1), so an image depends
+only on its seed, never on the batch size or on which other seeds are generated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from sida_diffusers.pipelines import EDMHeunPipeline, SiDAPipeline, image_grid, seed_generators, uint8_to_pil
+
+PIPELINES = {cls.__name__: cls for cls in (SiDAPipeline, EDMHeunPipeline)}
+GRID_SIZE = 64
+
+
+def parse_seeds(spec: str) -> list:
+    """'0-3,10,20-21' -> [0, 1, 2, 3, 10, 20, 21] (ranges inclusive, as EDM's --seeds)."""
+    seeds = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not match or (match.group(2) and int(match.group(2)) < int(match.group(1))):
+            raise ValueError(f"bad seed list {spec!r}: use comma-separated seeds and inclusive ranges, e.g. 0-49999,7.")
+        first = int(match.group(1))
+        seeds.extend(range(first, int(match.group(2) or first) + 1))
+    return seeds
+
+
+def load_pipeline(src: str, device="cpu"):
+    """A SiDAPipeline or EDMHeunPipeline (whichever model_index.json names) from a folder or a Hub repo id."""
+    folder = Path(src) if Path(src).is_dir() else Path(SiDAPipeline.download(src))
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by export_pipeline / "
+                                "sida-export (or save_pretrained), or its Hub repo id.")
+    class_name = json.loads(index.read_text()).get("_class_name")
+    if class_name not in PIPELINES:
+        raise ValueError(f"{src} holds a {class_name}; sida-sample runs {sorted(PIPELINES)}.")
+    return PIPELINES[class_name].from_pretrained(str(folder)).to(device)
+
+
+def main(argv=None) -> int:
+    """Generate images for a list of seeds; `argv` defaults to the command line."""
+    parser = argparse.ArgumentParser(prog="sida-sample", description=__doc__.splitlines()[0])
+    parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
+    parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-49999 (default 0-63)")
+    parser.add_argument("--outdir", help="where the PNGs named by seed (or samples.npz) go")
+    parser.add_argument("--class-labels", nargs="+", help="class index or name per image, cycled over the seeds; "
+                                                         "default: drawn from each seed's generator")
+    parser.add_argument("--grid", help=f"also write a grid of the first {GRID_SIZE} images to this PNG")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per network call (results do not depend "
+                                                                   "on it)")
+    parser.add_argument("--npz", action="store_true", help="write one samples.npz (arr_0 uint8 NHWC, seeds) instead "
+                                                           "of PNGs")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1 = one step; Heun: the preset's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if not args.outdir and not args.grid:
+        parser.error("nothing to write: pass --outdir DIR and/or --grid FILE.png")
+    if args.npz and not args.outdir:
+        parser.error("--npz writes DIR/samples.npz: pass --outdir DIR too")
+    if args.batch_size < 1:
+        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+
+    try:
+        pipe = load_pipeline(args.pipeline, args.device)
+        labels = None
+        if args.class_labels:
+            labels = [int(v) if v.isdigit() else pipe.get_label_ids(v)[0] for v in args.class_labels]
+    except (ValueError, FileNotFoundError, OSError) as error:
+        parser.exit(2, f"sida-sample: error: {error}\n")
+    pipe.set_progress_bar_config(disable=True)
+    extra = {} if args.steps is None else {"num_inference_steps": args.steps}
+    outdir = Path(args.outdir) if args.outdir else None
+    if outdir:
+        outdir.mkdir(parents=True, exist_ok=True)
+
+    seeds, kept, nfe = args.seeds, [], None
+    for start in tqdm(range(0, len(seeds), args.batch_size), unit="batch"):
+        batch = seeds[start:start + args.batch_size]
+        batch_labels = None if labels is None else [labels[(start + j) % len(labels)] for j in range(len(batch))]
+        out = pipe(batch_size=len(batch), class_labels=batch_labels, generator=seed_generators(batch, args.device),
+                   output_type="np", **extra)
+        nfe = getattr(out, "nfe", extra.get("num_inference_steps", 1))
+        if args.npz or args.grid:
+            kept.append(out.images if args.npz else out.images[: max(0, GRID_SIZE - sum(map(len, kept)))])
+        if outdir and not args.npz:
+            for seed, image in zip(batch, uint8_to_pil(out.images), strict=True):
+                image.save(outdir / f"{seed:06d}.png")
+    images = np.concatenate(kept) if kept else None
+    if outdir and args.npz:
+        np.savez(outdir / "samples.npz", arr_0=images, seeds=np.asarray(seeds))
+    if args.grid:
+        image_grid(uint8_to_pil(images[:GRID_SIZE])).save(args.grid)
+    where = ", ".join(str(p) for p in ((outdir / "samples.npz") if args.npz else outdir, args.grid) if p)
+    print(f"wrote {len(seeds)} images ({nfe} network evaluations each) to {where}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,313 @@
+"""SiDAPipeline: one network evaluation per image from a SiD / SiDA / SiD²A generator (ALGORITHM.md §2).
+
+`EDMFamilyPipeline` holds what every pipeline over an EDM/EDM2 denoiser shares (the teacher's Heun sampler in
+`edm_sampler.py` subclasses it too): class-label parsing, noise drawing with EDM-style per-seed generators, the EDM2
+latent decode and the exact uint8 conversion, and Hub loading for our third-party component classes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from sida_diffusers.networks import Denoiser
+
+# Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
+# (ECOSYSTEM.md §1.3, `_get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
+
+# EDM2 latent normalisation of the SD VAE posterior, scale = 0.5 / raw_std and bias = -raw_mean * scale, computed in
+# float32 like the official constants (ALGORITHM.md §6.1).
+_RAW_MEAN, _RAW_STD = np.float32([5.81, 3.25, 0.12, -2.15]), np.float32([4.17, 4.62, 3.71, 3.28])
+EDM2_LATENT_SCALE = (np.float32(0.5) / _RAW_STD).tolist()
+EDM2_LATENT_BIAS = (-_RAW_MEAN * (np.float32(0.5) / _RAW_STD)).tolist()
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
+LabelsLike = Union[int, str, Sequence[Union[int, str]], torch.Tensor, np.ndarray, None]
+
+
+def seed_generators(seeds: Sequence[int], device: Union[str, torch.device] = "cpu") -> list:
+    """One generator per seed, as EDM's StackedRandomGenerator: image i then depends only on seeds[i]."""
+    return [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
+
+
+def image_grid(images: Sequence[PIL.Image.Image], cols: Optional[int] = None) -> PIL.Image.Image:
+    """Tile equally sized images row by row: ceil(sqrt(n)) columns by default, the last row padded with black."""
+    if not images:
+        raise ValueError("image_grid needs at least one image.")
+    cols = cols or math.ceil(math.sqrt(len(images)))
+    width, height = images[0].size
+    grid = PIL.Image.new(images[0].mode, (cols * width, math.ceil(len(images) / cols) * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % cols) * width, (i // cols) * height))
+    return grid
+
+
+def uint8_to_pil(images: np.ndarray) -> list:
+    """uint8 images [N, H, W, C] -> PIL images ("L" for one channel, "RGB" for three)."""
+    return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images]
+
+
+def _as_generators(generator: GeneratorLike, batch_size: int):
+    """Validate `generator`: None, one generator for the batch, or a list with one generator per image."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    generator = list(generator)
+    if len(generator) != batch_size:
+        raise ValueError(
+            f"got a list of {len(generator)} generators for batch_size={batch_size}; pass one generator per image "
+            "(e.g. sida_diffusers.pipelines.seed_generators(seeds)) or a single torch.Generator."
+        )
+    return generator
+
+
+class EDMFamilyPipeline(DiffusionPipeline):
+    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` (`unet`) with an optional `vae`."""
+
+    model_cpu_offload_seq = "unet->vae"
+    _optional_components = ["vae"]
+
+    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias):
+        if not isinstance(unet, Denoiser):
+            raise ValueError(
+                f"unet must be a sida_diffusers Denoiser (e.g. EDMPrecond, EDM2Precond), got {type(unet).__name__}; "
+                "load official weights with sida_diffusers.load_denoiser(...)."
+            )
+        if (latent_scale is None) != (latent_bias is None):
+            raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
+        # Hub round trips turn the int keys into strings (ECOSYSTEM.md §1.2): store them as ints again.
+        id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
+        self.register_modules(unet=unet, vae=vae)
+        self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
+        # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
+        self.labels = {}
+        for index, names in (id2label or {}).items():
+            for name in names.split(","):
+                self.labels[name.strip()] = index
+
+    @classmethod
+    def download(cls, pretrained_model_name, **kwargs) -> str:
+        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`.
+
+        Diffusers' own `download` rejects component classes from third-party packages unless the repo ships their
+        source (ECOSYSTEM.md §1.3(B)); loading from the local snapshot then resolves `sida_diffusers.*` classes.
+        """
+        from huggingface_hub import snapshot_download
+
+        keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
+        return snapshot_download(pretrained_model_name, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
+
+    # ---- labels ------------------------------------------------------------------------------------------------
+    def get_label_ids(self, label: Union[str, Sequence[str]]) -> list:
+        """Map class names (any synonym of `id2label`) to class indices."""
+        names = [label] if isinstance(label, str) else list(label)
+        unknown = [name for name in names if name.strip() not in self.labels]
+        if unknown:
+            if not self.labels:
+                raise ValueError(f"class names {unknown} given but this pipeline has no id2label; pass class indices.")
+            known = ", ".join(list(self.labels)[:20]) + (", ..." if len(self.labels) > 20 else "")
+            raise ValueError(f"unknown class name(s) {unknown}; use one of pipe.labels ({known}) or class indices.")
+        return [self.labels[name.strip()] for name in names]
+
+    def prepare_class_labels(self, class_labels: LabelsLike, batch_size: int, generator: GeneratorLike, device):
+        """One-hot labels ``[batch_size, label_dim]`` (None for an unconditional model).
+
+        `class_labels`: an index, a class name, a list of those (one per image, or one for all), a tensor of indices,
+        or a one-hot / soft-label tensor ``[N, label_dim]``. None on a conditional model draws uniform labels from
+        `generator`; with per-image generators each label comes from that image's generator after its noise, as in
+        EDM's generate script, so image i depends only on generator i.
+        """
+        label_dim = self.unet.label_dim
+        if label_dim == 0:
+            if class_labels is not None:
+                raise ValueError("this model is unconditional (label_dim=0) but class_labels were given; pass None.")
+            return None
+        if class_labels is None:
+            if isinstance(generator, list):
+                index = torch.stack([torch.randint(label_dim, (), generator=g, device=g.device) for g in generator])
+            else:
+                gen_device = generator.device if generator is not None else "cpu"
+                index = torch.randint(label_dim, (batch_size,), generator=generator, device=gen_device)
+            return torch.nn.functional.one_hot(index.to(device), label_dim).to(torch.float32)
+
+        if isinstance(class_labels, (str, int, np.integer)):
+            class_labels = [class_labels]
+        if isinstance(class_labels, np.ndarray):
+            class_labels = torch.from_numpy(class_labels)
+        if not torch.is_tensor(class_labels):
+            class_labels = [self.get_label_ids(v)[0] if isinstance(v, str) else v for v in class_labels]
+            class_labels = torch.as_tensor(class_labels)
+        labels = class_labels.to(device)
+        if labels.is_floating_point() and labels.ndim == 2:
+            if labels.shape[1] != label_dim:
+                raise ValueError(
+                    f"one-hot class_labels must have shape [N, {label_dim}] (label_dim={label_dim}), got "
+                    f"{list(labels.shape)}; pass class indices or one-hot rows of width {label_dim}."
+                )
+        elif not labels.is_floating_point() and labels.ndim <= 1:
+            labels = labels.reshape(-1).long()
+            if labels.numel() and (labels.min() < 0 or labels.max() >= label_dim):
+                raise ValueError(f"class index out of range: {labels.tolist()} (valid: 0..{label_dim - 1} for "
+                                 f"label_dim={label_dim}).")
+            labels = torch.nn.functional.one_hot(labels, label_dim)
+        else:
+            raise ValueError(
+                f"class_labels tensor of dtype {labels.dtype} and shape {list(labels.shape)} not understood; pass "
+                f"integer indices [N] or float one-hot rows [N, {label_dim}]."
+            )
+        if labels.shape[0] == 1:
+            labels = labels.expand(batch_size, -1)
+        if labels.shape[0] != batch_size:
+            raise ValueError(
+                f"got {labels.shape[0]} class labels for batch_size={batch_size}; pass one label per image or a "
+                "single label for all of them."
+            )
+        return labels.to(torch.float32)
+
+    # ---- noise -------------------------------------------------------------------------------------------------
+    def check_common_inputs(self, batch_size: int, output_type: str, generator: GeneratorLike):
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        if (self.config.latent_scale is not None) and self.vae is None:
+            raise ValueError(
+                "this is a latent (EDM2) model (latent_scale is set) but the pipeline has no vae; pass "
+                "vae=AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse') to from_pretrained or the constructor."
+            )
+        return _as_generators(generator, batch_size)
+
+    def sample_shape(self, batch_size: int) -> tuple:
+        unet = self.unet
+        return (batch_size, unet.img_channels, unet.img_resolution, unet.img_resolution)
+
+    def prepare_noise(self, batch_size: int, generator: GeneratorLike, latents: Optional[torch.Tensor], device):
+        """Unit Gaussian noise eps of the network's shape (the user's `latents` if given), float32 on `device`.
+
+        Drawn with `randn_tensor`, which with per-image CPU generators is bit-identical to EDM's
+        StackedRandomGenerator (ECOSYSTEM.md §1.4).
+        """
+        shape = self.sample_shape(batch_size)
+        if latents is None:
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {list(shape)} (unit Gaussian noise), got {list(latents.shape)}.")
+        return latents.to(device=device, dtype=torch.float32)
+
+    # ---- output ------------------------------------------------------------------------------------------------
+    def postprocess(self, x: torch.Tensor, output_type: str):
+        """Network output -> images.
+
+        Pixel models (x in [-1, 1]): uint8 = (x*127.5 + 128).clamp(0, 255), truncated (ALGORITHM.md §2).
+        Latent models: vae.decode((x - bias) / scale) is an image in [0, 1]; uint8 = clamp(0, 1)*255, truncated
+        (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel), "np" -> uint8 array [N, H, W, C],
+        "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation.
+        """
+        if self.config.latent_scale is not None:
+            scale = torch.as_tensor(self.config.latent_scale, device=x.device).reshape(1, -1, 1, 1)
+            bias = torch.as_tensor(self.config.latent_bias, device=x.device).reshape(1, -1, 1, 1)
+            z = ((x - bias) / scale).to(self.vae.dtype)
+            image = self.vae.decode(z).sample.to(torch.float32).clamp(0, 1)
+            uint8 = (image * 255).to(torch.uint8)
+        else:
+            image = (x * 0.5 + 0.5).clamp(0, 1).to(torch.float32)
+            # float64 on the CPU, as the official generate scripts, so truncation matches them bit for bit
+            uint8 = (x.cpu().to(torch.float64) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+        if output_type == "pt":
+            return image
+        array = uint8.permute(0, 2, 3, 1).cpu().numpy()
+        return array if output_type == "np" else uint8_to_pil(array)
+
+    def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
+        unet = self.unet
+        augment = torch.zeros(z.shape[0], unet.augment_dim, device=z.device) if unet.augment_dim else None
+        sigma = torch.full((z.shape[0], 1, 1, 1), float(sigma), device=z.device)
+        return unet(z, sigma, labels, augment_labels=augment)
+
+
+class SiDAPipeline(EDMFamilyPipeline):
+    r"""One-step generation with a generator distilled by SiD, SiDA or SiD²A.
+
+    Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
+    `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
+    Config: `init_sigma` (2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
+    `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
+    None for pixel models).
+
+    ```py
+    pipe = SiDAPipeline.from_pretrained("user/sida-cifar10-uncond", dtype=torch.float32).to("cuda")
+    images = pipe(batch_size=16, generator=seed_generators(range(16), "cuda")).images
+    ```
+    """
+
+    def __init__(
+        self,
+        unet: Denoiser,
+        vae=None,
+        init_sigma: float = 2.5,           # sigma of the generator's input noise z = init_sigma * eps (§2)
+        id2label: Optional[dict] = None,    # class index -> name(s)
+        latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
+        latent_bias: Optional[list] = None,   # EDM2: per-channel latent bias (§6.1)
+    ):
+        super().__init__()
+        if not float(init_sigma) > 0:
+            raise ValueError(f"init_sigma must be positive (the official value is 2.5), got {init_sigma}.")
+        self._register_common(unet, vae, id2label, latent_scale, latent_bias)
+        self.register_to_config(init_sigma=float(init_sigma))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        class_labels: LabelsLike = None,
+        generator: GeneratorLike = None,
+        latents: Optional[torch.Tensor] = None,
+        num_inference_steps: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        r"""Generate `batch_size` images.
+
+        Args:
+            batch_size: number of images.
+            class_labels: for conditional models: an index, a class name (see `pipe.labels`), a list with one per
+                image, a tensor of indices, or one-hot rows `[N, label_dim]`; None draws uniform labels from
+                `generator`. Must be None for unconditional models.
+            generator: a `torch.Generator`, or a list with one per image (EDM-style per-seed reproducibility: image
+                i then depends only on generator i, whatever the batch composition).
+            latents: unit Gaussian noise `[N, C, H, W]` to use instead of drawing it; the generator sees
+                `init_sigma * latents`.
+            num_inference_steps: 1 is the one-step generator. K > 1 re-noises with sigma_k = init_sigma (K-k)/K and
+                re-applies the generator (ALGORITHM.md §2 multistep option).
+            output_type: "pil", "np" (uint8 `[N, H, W, C]`, the exact EDM conversion) or "pt" (float `[N, C, H, W]`
+                in [0, 1], not quantised).
+            return_dict: return an `ImagePipelineOutput` rather than a tuple.
+        """
+        generator = self.check_common_inputs(batch_size, output_type, generator)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        device = self._execution_device
+        eps = self.prepare_noise(batch_size, generator, latents, device)
+        labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
+
+        init_sigma = self.config.init_sigma
+        x = self.run_generator(init_sigma * eps, init_sigma, labels)
+        steps = range(1, num_inference_steps)
+        for k in self.progress_bar(steps) if num_inference_steps > 1 else steps:
+            sigma_k = init_sigma * (num_inference_steps - k) / num_inference_steps
+            noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
+            x = self.run_generator(x + sigma_k * noise, sigma_k, labels)
+
+        images = self.postprocess(x, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)

@@ -1,0 +1,157 @@
+"""Export to a SiDAPipeline folder, the model card metadata, pushing to the Hub (patched) and the sida-export CLI."""
+
+import json
+from unittest import mock
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from test_pipeline import tiny_edm, tiny_vae
+
+from sida_diffusers import hub
+from sida_diffusers.cli import export as export_cli
+from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
+
+torch.set_num_threads(1)
+
+RUN_INFO = {"method": "sida", "alpha": 1.0, "teacher": "edm-cifar10-32x32-cond-vp", "dataset": "cifar10-32x32.zip",
+            "kimg": 217.9, "cur_nimg": 217920, "train_batch_size": 32, "total_batch_size": 256, "num_processes": 8,
+            "init_sigma": 2.5, "tmax": 800, "id2label": {"0": "airplane", "1": "automobile", "2": "bird"},
+            "label_dim": 3, "resolution": 8, "channels": 3, "latent": False,
+            "metrics": {"fid50k_full": 1.436, "fid10k": 1.9}, "sampling": {}}
+
+
+def load_card(card, tmp_path):
+    card.save(tmp_path / "README.md")
+    return ModelCard.load(tmp_path / "README.md")
+
+
+def test_model_card_carries_hub_metadata_and_honest_metric_names(tmp_path):
+    card = load_card(hub.make_model_card(RUN_INFO, repo_id="me/sida-cifar10-cond"), tmp_path)
+    data = card.data
+    assert data.library_name == "diffusers" and data.pipeline_tag == "unconditional-image-generation"
+    assert data.license == "cc-by-nc-sa-4.0"  # NVIDIA EDM teacher weights
+    assert data.tags == ["sida", "one-step", "distillation", "edm"]
+    assert data.datasets == ["uoft-cs/cifar10"]
+    assert data.base_model is None  # an NVIDIA pickle name is not a Hub model id
+    results = {r.metric_name: (r.metric_type, r.metric_value) for r in data.eval_results}
+    assert results == {"FID (50,000 samples)": ("fid", 1.436),
+                       "FID (10,000 samples; proxy, not comparable to 50k-sample values)": ("fid", 1.9)}
+    text = card.text
+    assert 'SiDAPipeline.from_pretrained("me/sida-cifar10-cond")' in text and "class_labels=0" in text
+    assert "| batch per GPU | 32 |" in text and "depends on the batch per GPU (32)" in text
+    assert "| alpha | 1.0 |" in text and "| training images | 217.9 kimg |" in text
+
+
+@pytest.mark.parametrize("teacher, license, base_model", [
+    ("digits", "apache-2.0", None),
+    ("https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-xs-2147483-0.135.pkl",
+     "cc-by-nc-sa-4.0", None),
+    ("someone/my-teacher", "other", "someone/my-teacher"),
+])
+def test_license_and_base_model_are_inherited_from_the_teacher(tmp_path, teacher, license, base_model):
+    run_info = {"method": "sid2a", "teacher": teacher, "latent": True, "dataset": "img512-sd.zip"}
+    card = load_card(hub.make_model_card(run_info), tmp_path)
+    assert card.data.license == license and card.data.base_model == base_model
+    assert card.data.tags == ["sida", "one-step", "distillation", "edm2", "sid2a"]
+    assert card.data.eval_results is None and "No metrics were recorded" in card.text
+    if license == "other":
+        assert "licence of the teacher `someone/my-teacher` is unknown" in card.text
+
+
+def test_fd_digits_is_named_as_a_proxy_not_fid():
+    assert hub.describe_metric("fd_digits") == ("fd_digits", "FD-digits (proxy metric in a digits-classifier "
+                                                             "feature space, not FID)")
+    assert hub.describe_metric("fid", num_samples=50000) == ("fid", "FID (50,000 samples)")
+
+
+def test_export_writes_the_pipeline_grid_card_and_run_info(tmp_path):
+    generator = tiny_edm(label_dim=3)
+    pipe = hub.export_pipeline(generator, tmp_path / "out", RUN_INFO, grid_seeds=range(6))
+    out = tmp_path / "out"
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (out / "model_index.json").is_file()
+    assert PIL.Image.open(out / "samples_grid.png").size == (24, 16)  # 6 images of 8x8 -> 3 x 2
+    assert "![samples from the one-step generator](samples_grid.png)" in (out / "README.md").read_text()
+    assert json.loads((out / "run_info.json").read_text())["kimg"] == 217.9
+    assert pipe.config.id2label == {0: "airplane", 1: "automobile", 2: "bird"}
+    loaded = SiDAPipeline.from_pretrained(out)
+    np.testing.assert_array_equal(loaded(class_labels="bird", generator=seed_generators([1]), output_type="np").images,
+                                  pipe(class_labels=2, generator=seed_generators([1]), output_type="np").images)
+    grid = np.asarray(PIL.Image.open(out / "samples_grid.png"))
+    first = pipe(generator=seed_generators([0]), output_type="np").images[0]
+    np.testing.assert_array_equal(grid[:8, :8], first)  # the grid shows seed 0 first
+
+
+def test_export_of_a_latent_run_uses_the_edm2_latent_config_and_needs_a_vae(tmp_path):
+    run_info = {"method": "sida", "teacher": "edm2-img512-xs", "latent": True, "init_sigma": 2.5}
+    with pytest.raises(ValueError, match="no vae was given"):
+        hub.export_pipeline(tiny_edm(channels=4, augment_dim=0), tmp_path / "x", run_info)
+    pipe = hub.export_pipeline(tiny_edm(channels=4, augment_dim=0), tmp_path / "latent", run_info, vae=tiny_vae(),
+                               grid_seeds=range(2))
+    assert pipe.config.latent_scale == EDM2_LATENT_SCALE
+    assert PIL.Image.open(tmp_path / "latent" / "samples_grid.png").size == (32, 16)
+
+
+def test_push_to_hub_creates_the_repo_then_uploads_the_folder(tmp_path):
+    hub.export_pipeline(tiny_edm(), tmp_path, {"method": "sid", "teacher": "digits"}, grid=False)
+    with mock.patch("sida_diffusers.hub.create_repo") as create, \
+            mock.patch("sida_diffusers.hub.upload_folder", return_value="commit") as upload:
+        assert hub.push_to_hub(tmp_path, "me/sida-tiny", private=True, token="tok") == "commit"
+    create.assert_called_once_with("me/sida-tiny", private=True, token="tok", exist_ok=True)
+    kwargs = upload.call_args.kwargs
+    assert kwargs["repo_id"] == "me/sida-tiny" and kwargs["folder_path"] == str(tmp_path)
+    assert kwargs["token"] == "tok" and "checkpoint-*" in kwargs["ignore_patterns"]
+
+
+def test_push_to_hub_refuses_a_folder_that_was_not_exported(tmp_path):
+    with mock.patch("sida_diffusers.hub.create_repo") as create:
+        with pytest.raises(FileNotFoundError, match="export_pipeline"):
+            hub.push_to_hub(tmp_path, "me/x")
+    create.assert_not_called()
+
+
+# ---- sida-export ------------------------------------------------------------------------------------------------
+def write_checkpoint(root, nimg, generator):
+    ckpt = root / "checkpoints" / f"checkpoint-{nimg:09d}"
+    generator.save_pretrained(ckpt / "generator_ema")
+    (ckpt / "run_info.json").write_text(json.dumps({**RUN_INFO, "kimg": nimg / 1000, "cur_nimg": nimg}))
+    return ckpt
+
+
+def test_sida_export_uses_the_latest_checkpoint_of_a_trainer_output_dir(tmp_path, capsys):
+    write_checkpoint(tmp_path / "run", 1000, tiny_edm(label_dim=3, seed=1))
+    latest = tiny_edm(label_dim=3, seed=2)
+    write_checkpoint(tmp_path / "run", 12000, latest)
+    (tmp_path / "names.json").write_text(json.dumps({"0": "plane", "1": "car", "2": "bird"}))
+    with mock.patch("sida_diffusers.hub.create_repo"), mock.patch("sida_diffusers.hub.upload_folder") as upload:
+        code = export_cli.main([str(tmp_path / "run"), str(tmp_path / "dst"), "--id2label",
+                                str(tmp_path / "names.json"), "--dataset", "uoft-cs/cifar10",
+                                "--push-to-hub", "me/sida-run", "--device", "cpu"])
+    assert code == 0 and upload.call_args.kwargs["folder_path"] == str(tmp_path / "dst")
+    printed = capsys.readouterr().out
+    assert "checkpoint-000012000" in printed and "samples_grid.png" in printed and "me/sida-run" in printed
+    card = ModelCard.load(tmp_path / "dst" / "README.md")
+    assert card.data.datasets == ["uoft-cs/cifar10"] and "| training images | 12.0 kimg |" in card.text
+    pipe = SiDAPipeline.from_pretrained(tmp_path / "dst")
+    assert pipe.labels == {"plane": 0, "car": 1, "bird": 2}
+    with torch.no_grad():
+        expected = latest(torch.ones(1, 3, 8, 8), 2.5, torch.tensor([1]))
+    torch.testing.assert_close(pipe.unet(torch.ones(1, 3, 8, 8), 2.5, torch.tensor([1])), expected)
+
+
+def test_sida_export_of_a_converted_generator_folder(tmp_path):
+    tiny_edm().save_pretrained(tmp_path / "gen")
+    assert export_cli.main([str(tmp_path / "gen"), str(tmp_path / "dst"), "--teacher", "edm-cifar10-32x32-uncond-vp",
+                            "--method", "sid", "--no-grid", "--device", "cpu"]) == 0
+    card = ModelCard.load(tmp_path / "dst" / "README.md")
+    assert card.data.license == "cc-by-nc-sa-4.0" and "sid" in card.data.tags
+    assert not (tmp_path / "dst" / "samples_grid.png").exists()
+
+
+def test_sida_export_reports_a_source_that_is_not_a_checkpoint(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        export_cli.main([str(tmp_path / "empty"), str(tmp_path / "dst")])
+    assert exit_info.value.code == 2 and "checkpoints/checkpoint-" in capsys.readouterr().err

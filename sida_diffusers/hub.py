@@ -16,10 +16,9 @@ from typing import Iterable, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
+from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.networks import Denoiser
 from sida_diffusers.pipelines.pipeline_sida import (
-    EDM2_LATENT_BIAS,
-    EDM2_LATENT_SCALE,
     SiDAPipeline,
     image_grid,
     seed_generators,
@@ -186,7 +185,7 @@ def _latent_config(run_info: dict, vae) -> tuple:
                          "vae=AutoencoderKL.from_pretrained('stabilityai/sd-vae-ft-mse').")
     if isinstance(latent, dict) and "scale" in latent:
         return list(latent["scale"]), list(latent["bias"])
-    return EDM2_LATENT_SCALE, EDM2_LATENT_BIAS
+    return EDM2_LATENT_SCALE.tolist(), EDM2_LATENT_BIAS.tolist()
 
 
 def export_pipeline(generator: Denoiser, out_dir: Union[str, os.PathLike], run_info: dict, vae=None,

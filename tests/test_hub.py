@@ -90,7 +90,7 @@ def test_export_of_a_latent_run_uses_the_edm2_latent_config_and_needs_a_vae(tmp_
         hub.export_pipeline(tiny_edm(channels=4, augment_dim=0), tmp_path / "x", run_info)
     pipe = hub.export_pipeline(tiny_edm(channels=4, augment_dim=0), tmp_path / "latent", run_info, vae=tiny_vae(),
                                grid_seeds=range(2))
-    assert pipe.config.latent_scale == EDM2_LATENT_SCALE
+    assert pipe.config.latent_scale == EDM2_LATENT_SCALE.tolist()
     assert PIL.Image.open(tmp_path / "latent" / "samples_grid.png").size == (32, 16)
 
 

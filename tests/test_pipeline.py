@@ -162,8 +162,8 @@ def test_latent_model_is_decoded_through_the_vae_in_the_edm2_convention():
     images = pipe(batch_size=2, generator=seed_generators([0, 1]), output_type="np").images
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     eps = torch.stack([torch.randn([4, 8, 8], generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
-    scale = torch.tensor(EDM2_LATENT_SCALE).reshape(1, 4, 1, 1)
-    bias = torch.tensor(EDM2_LATENT_BIAS).reshape(1, 4, 1, 1)
+    scale = EDM2_LATENT_SCALE.reshape(1, 4, 1, 1)
+    bias = EDM2_LATENT_BIAS.reshape(1, 4, 1, 1)
     with torch.no_grad():  # ALGORITHM.md §6.1: (x - bias) / scale -> decode -> clamp(0, 1) * 255 -> uint8
         decoded = vae.decode((net(2.5 * eps, 2.5) - bias) / scale).sample
     np.testing.assert_array_equal(images, (decoded.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
@@ -187,7 +187,7 @@ def test_latent_pipeline_round_trip_keeps_the_vae_and_latent_config(tmp_path):
                      latent_bias=EDM2_LATENT_BIAS)
     pipe.save_pretrained(tmp_path)
     loaded = SiDAPipeline.from_pretrained(tmp_path)
-    assert isinstance(loaded.vae, AutoencoderKL) and loaded.config.latent_scale == EDM2_LATENT_SCALE
+    assert isinstance(loaded.vae, AutoencoderKL) and loaded.config.latent_scale == EDM2_LATENT_SCALE.tolist()
     np.testing.assert_array_equal(loaded(generator=seed_generators([4]), output_type="np").images,
                                   pipe(generator=seed_generators([4]), output_type="np").images)
 

@@ -8,9 +8,8 @@ from sida_diffusers.pipelines.edm_sampler import (
     heun_nfe,
     karras_sigmas,
 )
+from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.pipelines.pipeline_sida import (
-    EDM2_LATENT_BIAS,
-    EDM2_LATENT_SCALE,
     EDMFamilyPipeline,
     SiDAPipeline,
     image_grid,

@@ -16,16 +16,11 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from sida_diffusers.latents import decode_latents, pixels_to_uint8, unit_to_uint8
 from sida_diffusers.networks import Denoiser
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
 # (ECOSYSTEM.md §1.3, `_get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
-
-# EDM2 latent normalisation of the SD VAE posterior, scale = 0.5 / raw_std and bias = -raw_mean * scale, computed in
-# float32 like the official constants (ALGORITHM.md §6.1).
-_RAW_MEAN, _RAW_STD = np.float32([5.81, 3.25, 0.12, -2.15]), np.float32([4.17, 4.62, 3.71, 3.28])
-EDM2_LATENT_SCALE = (np.float32(0.5) / _RAW_STD).tolist()
-EDM2_LATENT_BIAS = (-_RAW_MEAN * (np.float32(0.5) / _RAW_STD)).tolist()
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -84,6 +79,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
         # Hub round trips turn the int keys into strings (ECOSYSTEM.md §1.2): store them as ints again.
         id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
+        # config.json holds plain lists (the constants of sida_diffusers.latents are tensors)
+        latent_scale, latent_bias = (None if v is None else [float(c) for c in v] for v in (latent_scale, latent_bias))
         self.register_modules(unet=unet, vae=vae)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
         # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
@@ -211,15 +208,11 @@ class EDMFamilyPipeline(DiffusionPipeline):
         "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation.
         """
         if self.config.latent_scale is not None:
-            scale = torch.as_tensor(self.config.latent_scale, device=x.device).reshape(1, -1, 1, 1)
-            bias = torch.as_tensor(self.config.latent_bias, device=x.device).reshape(1, -1, 1, 1)
-            z = ((x - bias) / scale).to(self.vae.dtype)
-            image = self.vae.decode(z).sample.to(torch.float32).clamp(0, 1)
-            uint8 = (image * 255).to(torch.uint8)
+            image = decode_latents(self.vae, x, self.config.latent_scale, self.config.latent_bias)
+            uint8 = unit_to_uint8(image)
         else:
             image = (x * 0.5 + 0.5).clamp(0, 1).to(torch.float32)
-            # float64 on the CPU, as the official generate scripts, so truncation matches them bit for bit
-            uint8 = (x.cpu().to(torch.float64) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
+            uint8 = pixels_to_uint8(x)
         if output_type == "pt":
             return image
         array = uint8.permute(0, 2, 3, 1).cpu().numpy()

@@ -1,0 +1,438 @@
+"""Training data: one loader for every source, and the infinite, resumable, rank-strided batch stream.
+
+`build_dataset(source)` accepts ``"digits"`` (scikit-learn's digits, the offline default), a Hugging Face dataset (a
+Hub id such as ``uoft-cs/cifar10`` or ``name:split``, a local ``save_to_disk`` folder, or a ``datasets.Dataset``), an
+image folder, an EDM ``dataset_tool`` zip, or an EDM2 latent zip/folder of ``img-mean-std-*.npy`` files. Every source
+becomes a `TrainingDataset` of uint8 CHW images (or float32 2CxHxW latent moments) plus integer class labels.
+
+`InfiniteBatchStream` turns it into training batches (ALGORITHM.md §5.8): pixels as ``uint8 / 127.5 - 1`` (§1.1),
+latents encoded stochastically on every use, ``(mean + std * eps) * scale + bias`` (§6.1, §10 item 11); one-hot
+labels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import numpy as np
+import PIL.Image
+import torch
+
+from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, encode_latents  # noqa: F401 (re-exported)
+
+DIGITS_RESOLUTION = 16  # scikit-learn's 8x8 digits are upsampled to this by default
+
+# ---- batch helpers ---------------------------------------------------------------------------------------------------
+
+def one_hot(labels, label_dim: int) -> torch.Tensor:
+    """Float32 one-hot ``[B, label_dim]`` of integer class indices ``[B]``; ``[B, 0]`` when ``label_dim == 0``."""
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if label_dim == 0:
+        return torch.zeros(len(labels), 0, device=labels.device)
+    if len(labels) and (labels.min() < 0 or labels.max() >= label_dim):
+        raise ValueError(f"class labels must lie in [0, {label_dim}), got values in [{int(labels.min())}, "
+                         f"{int(labels.max())}]; an unlabeled dataset needs label_dim=0 (use_labels=False).")
+    return torch.nn.functional.one_hot(labels, label_dim).float()
+
+
+# ---- the dataset -----------------------------------------------------------------------------------------------------
+
+class TrainingDataset(torch.utils.data.Dataset):
+    """Items of one source, addressed by index: ``dataset[i] -> (array, label)`` with label a class index or -1.
+
+    Images are uint8 ``[C,H,W]`` (C = 1 grey or 3 RGB); latents are the float32 VAE moments ``[8,H,W]``, encoded to
+    ``num_channels = 4`` channels by the batch stream. ``cache=True`` reads every item once, at construction, into
+    one in-memory array (which also validates every item up front); ``cache=False`` reads items on demand.
+    """
+
+    def __init__(
+        self,
+        name: str,                          # what the data is, for messages and run_info
+        read_items: Callable[[list], list],  # raw indices -> their arrays (already converted and resized)
+        item_names: Sequence[str],          # one per raw item (file name or row), for error messages
+        labels: Optional[np.ndarray] = None,  # int64 class indices [num_raw], or None for an unlabeled source
+        id2label: Optional[dict] = None,    # class names, when the source has them
+        is_latent: bool = False,            # items are EDM2 VAE moments rather than pixels
+        resolution: Optional[int] = None,   # required height and width; None accepts the data's own
+        max_size: Optional[int] = None,     # keep a fixed random subset of this many items (seed 0, as EDM)
+        cache: bool = True,                 # read everything into memory now (False: read on demand)
+    ):
+        num_raw = len(item_names)
+        if num_raw == 0:
+            raise FileNotFoundError(f"{name}: no training items found; point the source at a folder, zip or dataset "
+                                    f"that contains images (or img-mean-std-*.npy latents).")
+        self.name, self.is_latent, self._read, self._names = name, bool(is_latent), read_items, list(item_names)
+        self._raw_idx = np.arange(num_raw, dtype=np.int64)
+        if max_size is not None:
+            if max_size < 1:
+                raise ValueError(f"max_size must be a positive number of items or None (all), got {max_size}.")
+            if max_size < num_raw:
+                np.random.RandomState(0).shuffle(self._raw_idx)
+                self._raw_idx = np.sort(self._raw_idx[:max_size])
+
+        first = read_items([int(self._raw_idx[0])])[0]
+        self.item_shape = tuple(first.shape)
+        self._dtype = first.dtype
+        if first.ndim != 3 or first.shape[1] != first.shape[2]:
+            raise ValueError(f"{name}: item {self._names[self._raw_idx[0]]} has shape {list(first.shape)}; training "
+                             f"needs square [C, H, W] items (crop/resize the data, or pass resolution=).")
+        if resolution is not None and first.shape[1] != resolution:
+            raise ValueError(f"{name}: items are {first.shape[1]}x{first.shape[2]} but resolution={resolution} was "
+                             f"requested; latents cannot be resized, so drop resolution= or re-encode the data.")
+        if self.is_latent and (first.dtype != np.float32 or first.shape[0] != 2 * len(EDM2_LATENT_SCALE)):
+            raise ValueError(f"{name}: latent item {self._names[self._raw_idx[0]]} is {first.dtype} "
+                             f"{list(first.shape)}; EDM2 latents are float32 [8, H, W] (4 mean + 4 std channels).")
+        if not self.is_latent and (first.dtype != np.uint8 or first.shape[0] not in (1, 3)):
+            raise ValueError(f"{name}: image {self._names[self._raw_idx[0]]} is {first.dtype} {list(first.shape)}; "
+                             f"expected uint8 grey [1, H, W] or RGB [3, H, W].")
+
+        self._labels = None
+        self.id2label = dict(id2label) if id2label else None
+        if labels is not None:
+            labels = np.asarray(labels)
+            if labels.shape != (num_raw,) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
+                raise ValueError(f"{name}: labels must be one non-negative integer class index per item; got "
+                                 f"{labels.dtype} of shape {list(labels.shape)}. Fix the label column / dataset.json, "
+                                 f"or pass use_labels=False to train unconditionally.")
+            self._labels = labels.astype(np.int64)
+        self.label_dim = 0 if self._labels is None else max(int(self._labels.max()) + 1, len(self.id2label or {}))
+
+        self._cache = None
+        if cache:
+            self._cache = np.empty((len(self._raw_idx), *self.item_shape), dtype=first.dtype)
+            for start in range(0, len(self._raw_idx), 1024):
+                self._cache[start:start + 1024] = self._read_checked(self._raw_idx[start:start + 1024])
+
+    def _read_checked(self, raw_indices: np.ndarray) -> np.ndarray:
+        items = self._read([int(i) for i in raw_indices])
+        for raw, item in zip(raw_indices, items):
+            if tuple(item.shape) != self.item_shape or item.dtype != self._dtype:
+                raise ValueError(f"{self.name}: item {self._names[raw]} is {item.dtype} {list(item.shape)} but the "
+                                 f"dataset holds {self._dtype} {list(self.item_shape)}; every item must share one "
+                                 f"shape and channel count (convert the odd ones, or pass resolution= to resize).")
+        return np.stack(items)
+
+    def __len__(self) -> int:
+        return len(self._raw_idx)
+
+    def __getitem__(self, idx: int):
+        item = self._cache[idx] if self._cache is not None else self._read_checked(self._raw_idx[[idx]])[0]
+        return item.copy(), int(self.labels[idx])
+
+    def get_batch(self, indices) -> tuple[np.ndarray, np.ndarray]:
+        """Stacked items ``[B, ...]`` and int64 labels ``[B]`` (-1 when unlabeled) of the given dataset indices."""
+        indices = np.asarray(indices, dtype=np.int64)
+        items = self._cache[indices] if self._cache is not None else self._read_checked(self._raw_idx[indices])
+        return items, self.labels[indices]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Int64 class index of every item (-1 for an unlabeled dataset), e.g. to draw evaluation labels."""
+        if self._labels is None:
+            return np.full(len(self), -1, dtype=np.int64)
+        return self._labels[self._raw_idx]
+
+    @property
+    def has_labels(self) -> bool:
+        return self.label_dim > 0
+
+    @property
+    def resolution(self) -> int:
+        return self.item_shape[1]
+
+    @property
+    def num_channels(self) -> int:
+        """Channels of a training batch: 1 or 3 for pixels, 4 for latents (the stored moments have 8)."""
+        return self.item_shape[0] // 2 if self.is_latent else self.item_shape[0]
+
+    def __repr__(self) -> str:
+        kind = "latents" if self.is_latent else "images"
+        return (f"TrainingDataset({self.name!r}, {len(self)} {kind} {list(self.item_shape)}, label_dim="
+                f"{self.label_dim})")
+
+
+# ---- images ----------------------------------------------------------------------------------------------------------
+
+def _image_array(image: PIL.Image.Image, resolution: Optional[int], where: str) -> np.ndarray:
+    """uint8 CHW of a PIL image: grey stays 1 channel, colour becomes RGB; square images resized if asked (bicubic)."""
+    if image.mode in ("1", "L", "LA", "I;16", "I", "F"):
+        if image.mode in ("I;16", "I", "F"):
+            raise ValueError(f"{where}: {image.mode} images (16-bit or float) are not supported; convert them to 8-bit "
+                             f"grey (L) or RGB first.")
+        image = image.convert("L")
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if resolution is not None and image.size != (resolution, resolution):
+        if image.size[0] != image.size[1]:
+            raise ValueError(f"{where}: image is {image.size[0]}x{image.size[1]}; only square images are resized to "
+                             f"resolution={resolution}. Center-crop the data first (e.g. EDM's dataset_tool.py).")
+        image = image.resize((resolution, resolution), PIL.Image.BICUBIC)
+    array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _open_image(data: bytes, resolution: Optional[int], where: str) -> np.ndarray:
+    try:
+        with PIL.Image.open(io.BytesIO(data)) as image:
+            return _image_array(image, resolution, where)
+    except (PIL.UnidentifiedImageError, OSError) as err:
+        raise ValueError(f"{where}: cannot read the image ({err}); remove or re-encode the file.") from err
+
+
+def load_digits_dataset(resolution: int = DIGITS_RESOLUTION):
+    """scikit-learn's 1,797 digits as a ``datasets.Dataset``: grey PIL ``image`` (R x R) and ``ClassLabel`` ``label``.
+
+    Values 0..16 are mapped to 0..255 and upsampled from 8x8 with PIL bicubic; the result is deterministic.
+    """
+    import datasets
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
+    images = [PIL.Image.fromarray(p, mode="L").resize((resolution, resolution), PIL.Image.BICUBIC) for p in pixels]
+    features = datasets.Features({"image": datasets.Image(),
+                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    return datasets.Dataset.from_dict({"image": images, "label": digits.target.astype(np.int64)}, features=features)
+
+
+# ---- Hugging Face datasets -------------------------------------------------------------------------------------------
+
+def _from_hf(ds, name, resolution, image_column, label_column, use_labels, max_size, cache) -> TrainingDataset:
+    import datasets
+
+    features = ds.features
+    if image_column is None:
+        image_column = next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+        if image_column is None:
+            raise ValueError(f"{name}: no Image feature among the columns {list(features)}; pass image_column= "
+                             f"(--image_column) naming the column that holds the images.")
+    elif image_column not in features:
+        raise ValueError(f"{name}: image_column {image_column!r} is not a column; the columns are {list(features)}.")
+    elif not isinstance(features[image_column], datasets.Image):
+        raise ValueError(f"{name}: column {image_column!r} is {features[image_column]}, not an Image feature; pick "
+                         f"an image column or cast it with ds.cast_column({image_column!r}, datasets.Image()).")
+
+    labels, id2label = None, None
+    if use_labels:
+        if label_column is None:
+            label_column = next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+        elif label_column not in features:
+            raise ValueError(f"{name}: label_column {label_column!r} is not a column; the columns are "
+                             f"{list(features)} (pass use_labels=False to train unconditionally).")
+        if label_column is not None:
+            feature = features[label_column]
+            if isinstance(feature, datasets.ClassLabel):
+                id2label = dict(enumerate(feature.names))
+            elif not (isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))):
+                raise ValueError(f"{name}: label column {label_column!r} is {feature}; class labels must be a "
+                                 f"ClassLabel or integer column (or pass use_labels=False).")
+            labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[label_column])
+
+    images = ds.select_columns([image_column])
+    read = lambda rows: [_image_array(image, resolution, f"{name} row {i}")
+                         for i, image in zip(rows, images[rows][image_column])]
+    return TrainingDataset(name, read, [f"row {i}" for i in range(len(ds))], labels, id2label, False, resolution,
+                           max_size, cache)
+
+
+def _load_hf(source: str, cache_dir):
+    """A local save_to_disk folder or a Hub dataset, with an optional ``:split`` suffix (default ``train``)."""
+    import datasets
+
+    path, split = source, None
+    if not os.path.exists(source) and ":" in source:
+        path, split = source.rsplit(":", 1)
+    if os.path.isdir(path):
+        ds = datasets.load_from_disk(path)
+    else:
+        try:
+            return datasets.load_dataset(path, split=split or "train", cache_dir=cache_dir)
+        except Exception as err:
+            raise FileNotFoundError(f"{source!r} is not a local folder, zip or image folder, and loading it from the "
+                                    f"Hugging Face Hub failed ({type(err).__name__}: {err}); check the path or the "
+                                    f"dataset id (add ':split' for a split other than 'train').") from err
+    if isinstance(ds, datasets.DatasetDict):
+        split = split or "train"
+        if split not in ds:
+            raise ValueError(f"{path} holds the splits {list(ds)}, not {split!r}; pick one with '{path}:<split>'.")
+        ds = ds[split]
+    elif split is not None:
+        raise ValueError(f"{path} is a single saved split; drop the ':{split}' suffix.")
+    return ds
+
+
+# ---- image folders, EDM zips and EDM2 latents ------------------------------------------------------------------------
+
+class _Archive:
+    """A folder (walked recursively) or a zip, with '/'-separated relative file names."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if path.is_dir():
+            self._zip = None
+            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
+        else:
+            try:
+                self._zip = zipfile.ZipFile(path)
+            except zipfile.BadZipFile as err:
+                raise ValueError(f"{path} is not a readable zip ({err}); rebuild it with dataset_tool.py.") from err
+            self.names = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
+
+    def read(self, name: str) -> bytes:
+        return self._zip.read(name) if self._zip is not None else (self.path / name).read_bytes()
+
+
+def _archive_labels(archive: _Archive, files: list[str]):
+    """Class labels of ``files`` and their names: from dataset.json if present (EDM/EDM2), else class sub-folders."""
+    if "dataset.json" in archive.names:
+        try:
+            entries = json.loads(archive.read("dataset.json")).get("labels")
+        except (json.JSONDecodeError, AttributeError) as err:
+            raise ValueError(f"{archive.path}/dataset.json is not a JSON object with a 'labels' list ({err}); expected "
+                             f'{{"labels": [["file name", class index], ...]}} or {{"labels": null}}.') from err
+        if entries is None:
+            return None, None
+        table = {str(name).replace("\\", "/"): label for name, label in entries}
+        missing = [f for f in files if f not in table]
+        if missing:
+            raise ValueError(f"{archive.path}/dataset.json has no label for {len(missing)} file(s), e.g. "
+                             f"{missing[0]!r}; list every file in it, or set \"labels\": null for unlabeled data.")
+        labels = [table[f] for f in files]
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
+            raise ValueError(f"{archive.path}/dataset.json: labels must be non-negative integer class indices.")
+        return np.asarray(labels, dtype=np.int64), None
+    classes = sorted({f.split("/")[0] if "/" in f else "" for f in files})
+    if len(classes) < 2:
+        return None, None
+    if "" in classes:
+        raise ValueError(f"{archive.path}: some images lie at the top level and others in sub-folders; put every image "
+                         f"in its class folder, or add a dataset.json with the labels.")
+    index = {c: i for i, c in enumerate(classes)}
+    return np.asarray([index[f.split("/")[0]] for f in files], dtype=np.int64), dict(enumerate(classes))
+
+
+def _from_archive(path: Path, resolution, use_labels, max_size, cache) -> TrainingDataset:
+    archive = _Archive(path)
+    PIL.Image.init()
+    images = [n for n in archive.names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION]
+    latents = [n for n in archive.names if n.lower().endswith(".npy")]
+    if images and latents:
+        raise ValueError(f"{path} mixes image files and .npy latents; keep one kind per dataset.")
+    files = latents or images
+    if not files:
+        raise FileNotFoundError(f"{path} contains no image files ({', '.join(sorted(set(PIL.Image.EXTENSION))[:6])}, "
+                                f"...) and no img-mean-std-*.npy latents; point the source at the data itself.")
+    labels, id2label = _archive_labels(archive, files) if use_labels else (None, None)
+
+    def read_one(i: int) -> np.ndarray:
+        where = f"{path}/{files[i]}"
+        if not latents:
+            return _open_image(archive.read(files[i]), resolution, where)
+        try:
+            return np.load(io.BytesIO(archive.read(files[i])), allow_pickle=False)
+        except ValueError as err:
+            raise ValueError(f"{where}: not a readable .npy array ({err}); re-encode the latents.") from err
+
+    return TrainingDataset(str(path), lambda rows: [read_one(i) for i in rows], files, labels, id2label, bool(latents),
+                           resolution, max_size,
+                           cache=(not latents) if cache is None else cache)
+
+
+# ---- the entry point -------------------------------------------------------------------------------------------------
+
+def build_dataset(
+    source,                                  # "digits", a path, a Hub id ("name" or "name:split") or a datasets.Dataset
+    resolution: Optional[int] = None,        # resize square images to this size; latents must already have it
+    image_column: Optional[str] = None,      # HF datasets: image column; default the first Image feature
+    label_column: Optional[str] = None,      # HF datasets: label column; default the first ClassLabel feature
+    use_labels: bool = True,                 # False: unconditional (label_dim 0) even if the source has labels
+    max_size: Optional[int] = None,          # keep a fixed random subset of this many items
+    cache_dir: Optional[str] = None,         # Hugging Face datasets cache for Hub downloads
+    cache: Optional[bool] = None,            # hold all items in memory; default: pixels yes, latents no
+) -> TrainingDataset:
+    """Open any supported training source as a `TrainingDataset` (see the module docstring for the sources)."""
+    import datasets
+
+    keep = True if cache is None else cache
+    if isinstance(source, datasets.Dataset):
+        return _from_hf(source, "dataset", resolution, image_column, label_column, use_labels, max_size, keep)
+    source = os.fspath(source) if isinstance(source, os.PathLike) else source
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"source must be 'digits', a path, a Hugging Face dataset id or a datasets.Dataset, got "
+                         f"{source!r}.")
+    if source == "digits":
+        ds = load_digits_dataset(resolution or DIGITS_RESOLUTION)
+        return _from_hf(ds, "digits", None, image_column, label_column, use_labels, max_size, keep)
+    saved = Path(source if os.path.exists(source) else source.rsplit(":", 1)[0])  # "folder:split" names a split
+    if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
+        return _from_hf(_load_hf(source, cache_dir), source, resolution, image_column, label_column, use_labels,
+                        max_size, keep)
+    if os.path.exists(source):
+        return _from_archive(Path(source), resolution, use_labels, max_size, cache)
+    if source.startswith(("/", "./", "../", "~")) or source.lower().endswith(".zip"):
+        raise FileNotFoundError(f"dataset path {source!r} does not exist; check the path (or pass 'digits' or a "
+                                f"Hugging Face dataset id such as 'uoft-cs/cifar10').")
+    return _from_hf(_load_hf(source, cache_dir), source, resolution, image_column, label_column, use_labels, max_size,
+                    keep)
+
+
+# ---- the batch stream ------------------------------------------------------------------------------------------------
+
+class InfiniteBatchStream:
+    """Endless seeded batches for one rank: ``next(stream) -> (x, class_labels)`` on ``device``.
+
+    The global order is a fresh permutation of the dataset per epoch (``seed``, epoch); rank ``r`` takes every
+    ``world_size``-th element from offset ``r``, so ranks are disjoint within an epoch, every rank gets full batches,
+    and epochs wrap around without dropping anything. ``position`` counts global samples consumed; `state_dict` holds
+    it, so a resumed run sees exactly the batches an uninterrupted one would have. ``x`` is float32 pixels in [-1, 1]
+    or freshly sampled latents; ``class_labels`` is one-hot ``[B, label_dim]`` (``[B, 0]`` when unlabeled).
+    """
+
+    def __init__(self, dataset: TrainingDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 start_position: int = 0, device: Union[str, torch.device] = "cpu"):
+        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_position < 0:
+            raise ValueError(f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size and start_position >= 0; "
+                             f"got batch_size={batch_size}, rank={rank}, world_size={world_size}, "
+                             f"start_position={start_position}.")
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
+        self.seed, self.position, self.device = int(seed), int(start_position), torch.device(device)
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep at most the previous epoch
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
+        return self._perms[epoch]
+
+    def indices(self, position: Optional[int] = None) -> np.ndarray:
+        """Dataset indices of this rank's batch that starts at global ``position`` (default: the next batch)."""
+        position = self.position if position is None else position
+        stream = position + self.rank + self.world_size * np.arange(self.batch_size)
+        epochs, offsets = np.divmod(stream, len(self.dataset))
+        return np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        items, labels = self.dataset.get_batch(self.indices())
+        x = torch.from_numpy(items).to(self.device)
+        if self.dataset.is_latent:
+            # eps depends on (seed, rank, position) only, so resumed runs redraw the same latents.
+            key = np.random.SeedSequence([self.seed, self.rank, self.position]).generate_state(1)[0]
+            x = encode_latents(x, torch.Generator(self.device).manual_seed(int(key)))
+        else:
+            x = x.to(torch.float32) / 127.5 - 1  # ALGORITHM.md §1.1
+        self.position += self.batch_size * self.world_size
+        return x, one_hot(torch.from_numpy(labels), self.dataset.label_dim).to(self.device)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position, self.seed = int(state["position"]), int(state["seed"])

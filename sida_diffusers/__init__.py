@@ -18,6 +18,8 @@ _LAZY = {
     "seed_generators": "sida_diffusers.pipelines",
     "export_pipeline": "sida_diffusers.hub",
     "push_to_hub": "sida_diffusers.hub",
+    "SiDATrainer": "sida_diffusers.training",
+    "TrainConfig": "sida_diffusers.training",
 }
 
 from sida_diffusers.networks import *  # noqa: E402,F401,F403

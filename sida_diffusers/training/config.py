@@ -1,0 +1,168 @@
+"""Every hyper-parameter of a distillation run (`TrainConfig`), the per-experiment presets and the command line.
+
+Precedence: dataclass defaults < preset (`presets.json`) < the preset's `by_method[method]` entry < flags given on the
+command line. Without `--preset` and without `--teacher`, the offline `digits` preset applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
+METHODS = ("sid", "sida", "sid2a")
+DEFAULT_PRESET = "digits"
+
+
+def _f(default, help: str, **kw):
+    """A config field with its --help text (and argparse extras such as `choices`)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one SiD / SiDA / SiD²A run. Field names are the command-line flags."""
+
+    # what to distil, from what
+    preset: Optional[str] = _f(None, "named preset from presets.json (flags given explicitly override it)")
+    teacher: Optional[str] = _f(None, "teacher denoiser: anything load_denoiser reads, or 'digits' / 'digits-uncond'")
+    generator_init: Optional[str] = _f(None, "SiD²A: the pre-distilled SiD generator that initialises G")
+    method: str = _f("sida", "sid (data-free), sida or sid2a", choices=METHODS)
+    train_data: Optional[str] = _f(None, "real data: HF dataset, image folder, EDM/EDM2 zip or 'digits'")
+    image_column: Optional[str] = _f(None, "image column of a HF dataset")
+    label_column: Optional[str] = _f(None, "label column of a HF dataset (conditional teachers)")
+    resolution: Optional[int] = _f(None, "resize the real images to this resolution (must equal the teacher's)")
+    vae: str = _f("stabilityai/sd-vae-ft-mse", "EDM2 only: the VAE that decodes latents for sample grids, "
+                                               "evaluation and the exported pipeline (§6.1)")
+    # the method (ALGORITHM.md §4, §5)
+    alpha: float = _f(1.0, "SiD alpha (§4.3)")
+    tmax: float = _f(800, "generator losses use t ~ U(0, tmax/1000) on the Karras schedule (§4.3)")
+    init_sigma: float = _f(2.5, "noise level of the one-step generator's input (§2)")
+    P_mean: float = _f(-1.2, "lognormal sigma of the fake-score / D losses: mean of log sigma (§4.1)")
+    P_std: float = _f(1.2, "lognormal sigma of the fake-score / D losses: std of log sigma (§4.1)")
+    ls: float = _f(1.0, "fixed multiplier of the fake-score loss (§4.5)")
+    lsd: float = _f(1.0, "fixed multiplier of the discriminator loss (§4.5)")
+    lsg: float = _f(100.0, "fixed multiplier of the SiD generator loss (§4.5)")
+    lsg_gan: float = _f(0.01, "fixed multiplier of the adversarial generator loss (§4.5)")
+    warmup_kimg: float = _f(100, "sida/sid2a: G is not stepped while cur_nimg <= this (§5.2)")
+    adversarial_start_kimg: float = _f(200, "sida/sid2a: the adversarial G term is on once cur_nimg > this (§5.2)")
+    augment_p: float = _f(0.0, "EDM augmentation probability on fake and real images in the D step (§5.7); "
+                               "needs a teacher with augment_dim=9")
+    dropout: Optional[float] = _f(None, "dropout of G and the fake score (default: the teacher's)")
+    force_normalization: bool = _f(False, "EDM2: forced weight normalisation once per phase (§1.3)")
+    use_logvar: bool = _f(False, "EDM2: uncertainty (logvar) weighting from the fake score's head (§4.7)")
+    # optimisation
+    lr: float = _f(1e-5, "Adam learning rate of the fake score / discriminator")
+    glr: float = _f(1e-5, "Adam learning rate of the generator")
+    g_beta1: float = _f(0.0, "Adam beta1 of the generator (the fake score always uses 0)")
+    adam_fused: bool = _f(False, "use the fused Adam kernel (CUDA); default is torch's foreach implementation")
+    ema_halflife_kimg: float = _f(500, "EMA half-life of the generator in kimg (§5.6)")
+    ema_rampup_ratio: Optional[float] = _f(0.05, "EMA ramp-up: half-life <= ratio * cur_nimg (§5.6)")
+    # batch and precision
+    train_batch_size: int = _f(32, "micro-batch per process per accumulation round (B)")
+    total_batch_size: Optional[int] = _f(None, "global batch per iteration (default B x processes)")
+    mixed_precision: str = _f("no", "fp16 runs the UNets in float16 (EDM/EDM2 style, fp32 master weights); bf16 "
+                                    "autocasts the network calls", choices=("no", "fp16", "bf16"))
+    allow_tf32: bool = _f(False, "allow TF32 matmuls/convolutions (off in the official runs)")
+    channels_last: bool = _f(False, "channels-last memory format for the networks")
+    compile: bool = _f(False, "torch.compile the generator and the fake score")
+    cpu: bool = _f(False, "run on CPU even if a GPU is present")
+    # run length, checkpoints, logging
+    output_dir: str = _f("runs/sida", "where checkpoints, samples, logs and the final pipeline go")
+    seed: Optional[int] = _f(None, "run seed (default: random, broadcast from the main process)")
+    max_train_kimg: float = _f(300000, "stop after this many thousand generated images")
+    checkpointing_kimg: float = _f(500, "write a checkpoint every this many kimg (and at the end)")
+    checkpoints_total_limit: Optional[int] = _f(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder")
+    log_every_kimg: float = _f(10, "tick length in kimg: log losses, timing and memory")
+    report_to: str = _f("none", "Accelerate tracker: none, tensorboard, wandb, ...")
+    logging_dir: str = _f("logs", "tracker folder, relative to output_dir")
+    sample_grid_size: int = _f(8, "side of the EMA sample grid written at every checkpoint (0 = none)")
+    # evaluation
+    eval_every_kimg: float = _f(0, "evaluate the EMA generator every this many kimg (0 = never)")
+    eval_metrics: list = _f([], "metrics to evaluate, e.g. fid fd_digits", nargs="*")
+    eval_num_samples: int = _f(10000, "generated images per evaluation")
+    eval_reference: Optional[str] = _f(None, "reference statistics for the metrics")
+    eval_batch_size: int = _f(100, "generation batch during evaluation")
+    # export
+    push_to_hub: bool = _f(False, "upload the final pipeline to the Hub")
+    hub_model_id: Optional[str] = _f(None, "Hub repository of the pipeline (default: output_dir's name)")
+
+    @property
+    def is_adversarial(self) -> bool:
+        return self.method != "sid"
+
+
+    def __post_init__(self):
+        for name in ("method", "mixed_precision"):
+            choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        if self.train_batch_size < 1:
+            raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}.")
+
+
+def load_presets() -> dict:
+    """All presets of presets.json: name -> values (each may hold `by_method` overrides)."""
+    return json.loads(PRESETS_FILE.read_text())
+
+
+def preset_values(name: str, method: Optional[str] = None) -> dict:
+    """The flat values of preset `name` for `method` (default: the preset's own method)."""
+    presets = load_presets()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(sorted(presets))}. Pick one of them, "
+                         "or omit --preset and pass --teacher (and the other flags) yourself.")
+    values = dict(presets[name])
+    by_method = values.pop("by_method", {})
+    method = method or values.get("method", TrainConfig.method)
+    return {**values, **by_method.get(method, {}), "method": method}
+
+
+def make_config(preset: Optional[str] = None, **overrides) -> TrainConfig:
+    """A `TrainConfig` from a preset plus explicit values (the programmatic twin of `parse_args`).
+
+    Without a preset and without a teacher, the offline `digits` preset is used.
+    """
+    if preset is None and overrides.get("teacher") is None:
+        preset = DEFAULT_PRESET
+    values = preset_values(preset, overrides.get("method")) if preset else {}
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields are the command-line flags: "
+                         f"{', '.join(sorted(known))}.")
+    return TrainConfig(**{**values, "preset": preset})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one flag per `TrainConfig` field. Defaults are suppressed so that presets can tell which
+    flags were given explicitly."""
+    parser = argparse.ArgumentParser(description="One-step distillation of an EDM/EDM2 teacher with SiD, SiDA or "
+                                                 "SiD²A.", argument_default=argparse.SUPPRESS)
+    for f in dataclasses.fields(TrainConfig):
+        kind = str(f.type).replace("Optional[", "").rstrip("]")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kw = dict(help=f"{f.metadata['help']} (default: {default})")
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind == "list":
+            kw["nargs"] = f.metadata.get("nargs", "*")
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[kind]
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{f.name}", **kw)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Parse command-line flags (default: sys.argv) into a `TrainConfig`, presets applied."""
+    return make_config(**vars(build_parser().parse_args(argv)))

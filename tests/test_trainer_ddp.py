@@ -1,0 +1,46 @@
+"""Two CPU processes under torchrun (gloo): the recipe of ECOSYSTEM.md §7, since `accelerate launch --cpu` runs one."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from test_trainer import tiny_teacher
+
+SCRIPT = """
+import sys, torch
+from sida_diffusers.training import SiDATrainer, parse_args
+
+torch.set_num_threads(1)
+trainer = SiDATrainer(parse_args(sys.argv[1:]))
+trainer.train()
+nets = {name: torch.cat([p.detach().flatten() for p in trainer.unwrap(getattr(trainer, name)).parameters()])
+        for name in ("generator", "generator_ema", "fake_score")}
+torch.save(nets, f"{trainer.output_dir}/params_rank{trainer.accelerator.process_index}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_finish_with_identical_parameters_on_every_rank(tmp_path):
+    tiny_teacher().save_pretrained(tmp_path / "teacher")
+    (tmp_path / "train.py").write_text(SCRIPT)
+    out = tmp_path / "run"
+    flags = ["--teacher", str(tmp_path / "teacher"), "--method", "sida", "--train_data", "digits", "--resolution", "8",
+             "--train_batch_size", "4", "--total_batch_size", "16", "--warmup_kimg", "0", "--adversarial_start_kimg",
+             "0.016", "--max_train_kimg", "0.048", "--checkpointing_kimg", "1", "--log_every_kimg", "0.016",
+             "--lr", "1e-3", "--glr", "1e-3", "--sample_grid_size", "0", "--seed", "3", "--cpu", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "train.py"), *flags], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es) x B=4 x R=2 rounds = 16 images" in proc.stdout
+    info = json.loads((out / "checkpoints" / "checkpoint-000000048" / "run_info.json").read_text())
+    assert (info["num_processes"], info["total_batch_size"], info["cur_nimg"]) == (2, 16, 48)
+    rank0, rank1 = (torch.load(out / f"params_rank{r}.pt") for r in (0, 1))
+    initial = torch.cat([p.flatten() for p in tiny_teacher().parameters()])
+    for name in rank0:
+        torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
+    assert not torch.equal(rank0["generator"], initial) and not torch.equal(rank0["fake_score"], initial)

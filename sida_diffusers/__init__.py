@@ -18,6 +18,8 @@ _LAZY = {
     "seed_generators": "sida_diffusers.pipelines",
     "export_pipeline": "sida_diffusers.hub",
     "push_to_hub": "sida_diffusers.hub",
+    "load_digits_teacher": "sida_diffusers.digits",
+    "load_digits_feature_extractor": "sida_diffusers.digits",
     "SiDATrainer": "sida_diffusers.training",
     "TrainConfig": "sida_diffusers.training",
 }

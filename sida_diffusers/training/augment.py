@@ -36,7 +36,9 @@ SYM6 = (0.015404109327027373, 0.0034907120842174702, -0.11799011114819057, -0.04
 def _affine(a, b, c, d, tx, ty) -> torch.Tensor:
     """``[N,3,3]`` matrices [[a, b, tx], [c, d, ty], [0, 0, 1]] from ``[N]`` tensors (or numbers broadcast to them)."""
     device = next((v.device for v in (a, b, c, d, tx, ty) if torch.is_tensor(v)), None)
-    a, b, c, d, tx, ty = torch.broadcast_tensors(*(torch.as_tensor(v, dtype=torch.float32, device=device)
+    # Numbers become device tensors through a fill kernel: as_tensor would copy from the host and wait for the GPU.
+    a, b, c, d, tx, ty = torch.broadcast_tensors(*(v.to(torch.float32) if torch.is_tensor(v) else
+                                                   torch.full((), v, dtype=torch.float32, device=device)
                                                    for v in (a, b, c, d, tx, ty)))
     zero, one = torch.zeros_like(a), torch.ones_like(a)
     return torch.stack([a, b, tx, c, d, ty, zero, zero, one], dim=-1).reshape(*a.shape, 3, 3)
@@ -69,23 +71,18 @@ def warp_images(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
 
     ``g_inv`` is ``[N,3,3]`` (or ``[3,3]``) in pixel units with the origin at the image centre and y pointing down, so
     ``translate2d(-2, -1)`` moves the content 2 pixels right and 1 down. Out-of-image reads come from reflect padding.
+    No host-device synchronisation: the padding is fixed and constants travel with non-blocking copies.
     """
     n, c, h, w = images.shape
-    g_inv = g_inv.to(device=images.device, dtype=torch.float32).expand(n, 3, 3)
-    taps = torch.tensor(SYM6, dtype=images.dtype, device=images.device)
-    reach = len(SYM6) // 2  # pixels the two filters see beyond a sample: keep them on reflected data, not zeros
+    device = images.device
+    g_inv = g_inv.to(device=device, dtype=torch.float32).expand(n, 3, 3)
+    taps = torch.tensor(SYM6, dtype=images.dtype).to(device, non_blocking=True)
     extra = len(SYM6) - 2  # a 2x upsample of k samples has 2k + extra outputs; a downsample of 2k + extra gives k
 
-    # Reflect-pad by how far outside the image the corners' sources land (at most size-1, a limit of reflect padding).
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], device=images.device)
-    src = (g_inv @ corners)[:, :2].transpose(0, 1).flatten(1)  # [xy, N * corners]
-    centre = torch.tensor([cx, cy], device=images.device)
-    margin = torch.cat([-src.amin(dim=1) - centre, src.amax(dim=1) - centre]) + reach  # [left, top, right, bottom]
-    limit = torch.tensor([w - 1, h - 1, w - 1, h - 1], device=images.device)
-    mx0, my0, mx1, my1 = (int(m) for m in margin.ceil().clamp(min=0).minimum(limit).tolist())
-    padded = F.pad(images.reshape(n * c, 1, h, w), [mx0, mx1, my0, my1], mode="reflect")
-    shift = translate2d((mx0 - mx1) / 2, (my0 - my1) / 2).to(images.device)  # original centre -> padded centre
+    # Reflect-pad by the most reflect padding allows (size - 1 per side), whatever the transforms: a pad sized to
+    # where the corners' sources land would need their coordinates on the host. Sources within the pad read the
+    # same reflected pixels either way; the filters' reach past them only sees more reflected data, not zeros.
+    padded = F.pad(images.reshape(n * c, 1, h, w), [w - 1, w - 1, h - 1, h - 1], mode="reflect")
 
     # Upsample. Padded pixel k lands at upsampled index 2k + 5 (the filter's low-frequency delay is ~5.1 taps), so the
     # image centre sits half an upsampled pixel before the tensor centre; honouring that makes rotations and scalings
@@ -98,7 +95,7 @@ def warp_images(images: torch.Tensor, g_inv: torch.Tensor) -> torch.Tensor:
     out_h, out_w = 2 * h + extra, 2 * w + extra
     to_original = translate2d(0.25, 0.25) @ scale2d(out_w / 4, out_h / 4)  # output grid (normalised) -> pixels
     to_input = scale2d(4 / in_w, 4 / in_h) @ translate2d(-0.25, -0.25)  # padded pixels -> input grid (normalised)
-    theta = to_input.to(images.device) @ shift @ g_inv @ to_original.to(images.device)
+    theta = to_input.to(device, non_blocking=True) @ g_inv @ to_original.to(device, non_blocking=True)
     grid = F.affine_grid(theta[:, :2].to(images.dtype), [n, c, out_h, out_w], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -190,6 +187,8 @@ class AugmentPipe:
             g_inv = g_inv @ translate2d(-z[0] * (w * self.translate_frac_std), -z[1] * (h * self.translate_frac_std))
             labels[:, 7], labels[:, 8] = z[0], z[1]
 
-        if not torch.equal(g_inv, torch.eye(3, device=device).expand(n, 3, 3)):
-            images = warp_images(images, g_inv)
+        if self.scale or self.rotate_frac or self.aniso or self.translate_frac:
+            # Untransformed images keep their exact pixels; deciding per image on the device avoids a host sync.
+            identity = (g_inv == torch.eye(3, device=device)).all(dim=(1, 2)).view(n, 1, 1, 1)
+            images = torch.where(identity, images, warp_images(images, g_inv))
         return images, labels

@@ -61,17 +61,30 @@ class TrainConfig:
     lr: float = _f(1e-5, "Adam learning rate of the fake score / discriminator")
     glr: float = _f(1e-5, "Adam learning rate of the generator")
     g_beta1: float = _f(0.0, "Adam beta1 of the generator (the fake score always uses 0)")
-    adam_fused: bool = _f(False, "use the fused Adam kernel (CUDA); default is torch's foreach implementation")
+    adam_fused: Optional[bool] = _f(None, "Adam kernel: fused (one multi-tensor kernel per step, the fastest on CUDA) or "
+                                          "foreach; default: fused on CUDA, foreach otherwise. Same update up to "
+                                          "rounding")
     ema_halflife_kimg: float = _f(500, "EMA half-life of the generator in kimg (§5.6)")
     ema_rampup_ratio: Optional[float] = _f(0.05, "EMA ramp-up: half-life <= ratio * cur_nimg (§5.6)")
     # batch and precision
     train_batch_size: int = _f(32, "micro-batch per process per accumulation round (B)")
     total_batch_size: Optional[int] = _f(None, "global batch per iteration (default B x processes)")
-    mixed_precision: str = _f("no", "fp16 runs the UNets in float16 (EDM/EDM2 style, fp32 master weights); bf16 "
-                                    "autocasts the network calls", choices=("no", "fp16", "bf16"))
-    allow_tf32: bool = _f(False, "allow TF32 matmuls/convolutions (off in the official runs)")
-    channels_last: bool = _f(False, "channels-last memory format for the networks")
-    compile: bool = _f(False, "torch.compile the generator and the fake score")
+    mixed_precision: str = _f("no", "no: float32 everywhere (the official CIFAR-10 numerics); fp16: the UNets run in "
+                                    "float16 through the networks' own use_fp16 path, fp32 master weights (the "
+                                    "official ImageNet/EDM2 numerics); bf16: autocasts every network call to "
+                                    "bfloat16 (losses, preconditioning, attention softmax and Adam stay fp32): "
+                                    "tensor-core speed without fp16's overflow risk", choices=("no", "fp16", "bf16"))
+    allow_tf32: bool = _f(False, "CUDA: let float32 matmuls/convolutions use TF32 tensor cores (about 1.7x faster "
+                                 "fp32 steps, 10-bit mantissa products); off by default and in the official runs, "
+                                 "so fp32 means IEEE fp32")
+    channels_last: bool = _f(False, "store the networks' 4-d weights channels-last (NHWC), so cuDNN picks its "
+                                    "tensor-core NHWC convolutions (mostly a bf16/fp16 win); same math, but dropout draws its "
+                                    "(equally distributed) masks in memory order, so they differ from NCHW's")
+    compile: bool = _f(False, "torch.compile the generator, the fake score and the teacher (fuses the many small "
+                              "element-wise ops; the first iteration compiles one graph per network and phase, "
+                              "later iterations never recompile). Same math up to rounding; keep batch sizes fixed")
+    compile_backend: str = _f("inductor", "torch.compile backend: inductor (fused kernels, the fast one); aot_eager "
+                                          "or eager only to debug graph capture, or on machines without a compiler")
     cpu: bool = _f(False, "run on CPU even if a GPU is present")
     # run length, checkpoints, logging
     output_dir: str = _f("runs/sida", "where checkpoints, samples, logs and the final pipeline go")

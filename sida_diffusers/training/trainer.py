@@ -113,6 +113,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _allow_phase_graphs() -> None:
+    """Room in Dynamo's per-code cache for every (network, phase) graph of one iteration.
+
+    All compiled modules share `Module._call_impl`'s cache: the fake score holds 3 graphs (D step on fakes and reals,
+    frozen in the G step), G 2 (no_grad sample, G step), the teacher 1. Past the limit Dynamo would silently run eager.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+
+
 # ---- the trainer ------------------------------------------------------------------------------------------------------
 
 class SiDATrainer:
@@ -163,12 +174,14 @@ class SiDATrainer:
             for net in (fake, gen, self.teacher, self.generator_ema):
                 net.to(memory_format=torch.channels_last)
         eps = 1e-6 if cfg.mixed_precision == "fp16" else 1e-8  # §5.5
-        fused = True if cfg.adam_fused else None
-        self.opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), eps=eps, fused=fused)
-        self.opt_gen = torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), eps=eps, fused=fused)
+        fused = cfg.adam_fused if cfg.adam_fused is not None else self.device.type == "cuda"
+        adam = dict(eps=eps, fused=fused, foreach=not fused)
+        self.opt_fake = torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam)
+        self.opt_gen = torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam)
         if cfg.compile:
-            fake.compile()
-            gen.compile()
+            _allow_phase_graphs()
+            for net in (fake, gen, self.teacher):
+                net.compile(backend=cfg.compile_backend)
         self.fake_score, self.generator = acc.prepare(fake, gen)
         self.ema = HalfLifeEMA(gen, self.generator_ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
 
@@ -310,8 +323,10 @@ class SiDATrainer:
             return None
         from sida_diffusers.training.data import InfiniteBatchStream
 
+        # Batches are assembled on the host and copied asynchronously in `next_batch`: a blocking host-to-device copy
+        # would wait for every queued kernel twice per iteration.
         return InfiniteBatchStream(self.dataset, self.cfg.train_batch_size, rank=self.rank,
-                                   world_size=self.world_size, seed=self.seed, device=self.device)
+                                   world_size=self.world_size, seed=self.seed, device="cpu")
 
     def _setup_evaluation(self):
         cfg = self.cfg
@@ -355,19 +370,25 @@ class SiDATrainer:
         return self.img_shape
 
     # ---- data ---------------------------------------------------------------------------------------------------------
-    def next_batch(self):
+    def next_batch(self, images: bool = True):
         """One real micro-batch ``(x [B,C,H,W] in [-1,1] or latents, one-hot labels [B,label_dim] or None)``.
 
-        Data-free SiD draws uniform class labels instead (ALGORITHM.md §5.8)."""
+        Data-free SiD draws uniform class labels instead (ALGORITHM.md §5.8). ``images=False`` (the generator phase
+        uses only the labels) still consumes the batch but returns ``x=None`` without copying it to the device."""
         b, t = self.cfg.train_batch_size, self.teacher
         if self.stream is None:
-            x = torch.zeros([b, *self.img_shape], device=self.device)
+            x = torch.zeros([b, *self.img_shape], device=self.device) if images else None
             labels = None
             if t.is_conditional:
                 labels = torch.eye(t.label_dim, device=self.device)[torch.randint(t.label_dim, [b], device=self.device)]
             return x, labels
         x, labels = next(self.stream)
-        return x.to(self.device, torch.float32), (labels.to(self.device, torch.float32) if t.is_conditional else None)
+        return (self._to_device(x) if images else None), (self._to_device(labels) if t.is_conditional else None)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return x.to(self.device, torch.float32)
+        return x.to(torch.float32).pin_memory().to(self.device, non_blocking=True)  # no wait for queued kernels
 
     def _augment_zeros(self, net: Denoiser, n: int):
         return torch.zeros([n, net.augment_dim], device=self.device) if net.augment_dim else None
@@ -391,12 +412,18 @@ class SiDATrainer:
         return self.augment_pipe(x)
 
     # ---- the two phases -----------------------------------------------------------------------------------------------
+    def _enter_phase(self, trained: torch.nn.Module, frozen: torch.nn.Module) -> None:
+        """Train mode and parameter gradients for `trained` only. Every network call then sees the same mode and
+        requires_grad state in every iteration whatever the stage, so compiled graphs are built in the first
+        iteration and never again (a frozen net's graph computes no weight gradients)."""
+        trained.train().requires_grad_(True)
+        frozen.eval().requires_grad_(False)
+
     def fake_score_phase(self) -> None:
         """Fake-score (and, for SiDA, discriminator) update: §4.1, §4.2, §5.1 step 1."""
         cfg, adversarial = self.cfg, self.cfg.is_adversarial
         fake, gen = self.unwrap(self.fake_score), self.unwrap(self.generator)
-        fake.train().requires_grad_(True)
-        gen.eval()
+        self._enter_phase(fake, gen)
         if cfg.force_normalization:
             fake.normalize_weights_()
         self.opt_fake.zero_grad(set_to_none=True)
@@ -428,7 +455,6 @@ class SiDATrainer:
                     total = total + cfg.lsd * loss_d
                     self.last_losses["d_loss"] = (cfg.lsd * loss_d / self.batch_gpu_total).detach()
                 self.accelerator.backward(total / self.batch_gpu_total)
-        fake.eval().requires_grad_(False)
         clip = 1.0 if adversarial and not self.is_edm2 else None  # value clip: EDM SiDA only (§5.4)
         self._sanitize_grads(fake, clip)
         self.opt_fake.step()
@@ -437,14 +463,13 @@ class SiDATrainer:
         """Generator update: §4.3, §4.4 and the stage objective of §4.5, §5.1 step 2."""
         cfg = self.cfg
         fake, gen = self.unwrap(self.fake_score), self.unwrap(self.generator)
-        fake.eval().requires_grad_(False)
-        gen.train().requires_grad_(True)
+        self._enter_phase(gen, fake)
         if cfg.force_normalization:
             gen.normalize_weights_()
         self.opt_gen.zero_grad(set_to_none=True)
         b = cfg.train_batch_size
         for r in range(self.rounds):
-            _, labels = self.next_batch()  # only the labels of the real batch are used (§5.8)
+            _, labels = self.next_batch(images=False)  # only the labels of the real batch are used (§5.8)
             with self._sync(self.generator, r == self.rounds - 1), self._autocast():
                 x_g = self.generate(self.generator, labels, b)
                 sigma = generator_sigma(b, cfg.tmax, device=self.device)
@@ -464,25 +489,27 @@ class SiDATrainer:
                 if cfg.is_adversarial:
                     loss_adv = sida_adversarial_loss(logits, x_g, denoised_teacher, logvar, keep=keep).sum()
                     self.last_losses["g_gan_loss"] = (cfg.lsg_gan * loss_adv / self.batch_gpu_total).detach()
+                if not step_generator:
+                    continue  # warm-up: the losses are logged but G is held, so its gradients would be thrown away
                 if use_adversarial:
                     objective = 0.5 * cfg.lsg * loss_sid + 0.5 * cfg.lsg_gan * loss_adv
                 else:
                     objective = cfg.lsg * loss_sid
                 self.accelerator.backward(objective / self.batch_gpu_total)
-        gen.eval().requires_grad_(False)
-        self._sanitize_grads(gen, None)
         if step_generator:
+            self._sanitize_grads(gen, None)
             self.opt_gen.step()
         self.opt_gen.zero_grad(set_to_none=True)
 
     @staticmethod
     def _sanitize_grads(net: torch.nn.Module, clip: Optional[float]) -> None:
         """nan_to_num on every gradient, then optional value clipping (ALGORITHM.md §5.4)."""
-        for p in net.parameters():
-            if p.grad is not None:
-                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
-                if clip is not None:
-                    p.grad.clamp_(-clip, clip)
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+        if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
+            torch._foreach_clamp_min_(grads, -clip)
+            torch._foreach_clamp_max_(grads, clip)
 
     def stage(self, cur_nimg: Optional[int] = None) -> tuple[bool, bool]:
         """``(step_generator, use_adversarial)`` at `cur_nimg` (before the increment); strict thresholds (§5.2)."""

@@ -1,0 +1,59 @@
+"""The GPU benchmarks run in their CPU `--tiny` mode, and their full-size networks are the official architectures."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+import bench_sample  # noqa: E402
+import bench_train  # noqa: E402
+
+TRAIN_KEYS = {"preset", "device", "precision", "tf32", "channels_last", "compile", "train_batch_size", "img_per_s",
+              "s_per_kimg", "s_per_iter", "peak_alloc_gb", "peak_reserved_gb", "phase_ms", "losses", "finite"}
+
+
+def printed_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_tiny_training_benchmark_times_the_real_stage3_step(capsys):
+    torch.set_num_threads(1)
+    record = bench_train.main(["--tiny", "--preset", "edm2-xs", "--warmup", "1", "--iters", "1"])
+    assert printed_json(capsys) == record and TRAIN_KEYS <= set(record)
+    assert (record["device"], record["train_batch_size"], record["precision"]) == ("cpu", 4, "fp32")
+    assert set(record["losses"]) == {"fake_score_loss", "d_loss", "g_loss", "g_gan_loss"} and record["finite"]
+    assert record["img_per_s"] > 0 and record["s_per_kimg"] == pytest.approx(1000 / record["img_per_s"], rel=1e-2)
+    assert set(record["phase_ms"]) == {"fake_score_phase", "generator_phase", "ema"}
+
+
+def test_tiny_sampling_benchmark_compares_one_step_with_heun(capsys):
+    torch.set_num_threads(1)
+    record = bench_sample.main(["--tiny", "--precision", "bf16"])
+    assert printed_json(capsys) == record
+    assert (record["batch_size"], record["heun_nfe"], record["precision"]) == (16, 5, "bf16")
+    assert record["speedup_vs_heun"] == pytest.approx(record["one_step_img_per_s"] / record["heun_img_per_s"],
+                                                      rel=1e-2)
+
+
+def test_bad_benchmark_flags_name_the_fix():
+    with pytest.raises(ValueError, match="--iters and --warmup must be >= 1"):
+        bench_train.main(["--tiny", "--iters", "0"])
+
+
+def test_full_size_configs_are_the_official_architectures(fixtures_dir):
+    shapes = json.loads((fixtures_dir / "full_size_shapes.json").read_text())
+    for name, spec in bench_train.PRESETS.items():
+        official = shapes[spec["official"]]
+        assert spec["init_kwargs"] == official["init_kwargs"], name
+        assert official["official_class"].rsplit(".", 1)[1] == spec["class_name"], name
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "edm2-xs"])
+def test_full_size_teachers_have_the_official_parameter_count(fixtures_dir, preset):
+    official = json.loads((fixtures_dir / "full_size_shapes.json").read_text())[bench_train.PRESETS[preset]["official"]]
+    teacher = bench_train.build_teacher(preset)
+    assert sum(p.numel() for p in teacher.parameters()) == official["num_params"]

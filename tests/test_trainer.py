@@ -193,7 +193,7 @@ def test_end_to_end_sida_with_augmentation_and_evaluation_on_digits(tmp_path, di
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["kimg"] for m in metrics] == [0.016, 0.032] and all(m["fd_pixels8_64"] > 0 for m in metrics)
     assert info["metrics"] == {"fd_pixels8_64": metrics[-1]["fd_pixels8_64"]}  # the last evaluation
-    assert (run / "best_pipeline" / "model_index.json").is_file()
+    assert (run / "best_pipeline" / "model_index.json").is_file() and (run / "metric_curve.png").is_file()
     pipe = SiDAPipeline.from_pretrained(pipeline_dir)
     out = pipe(batch_size=3, class_labels=[0, 1, 2], generator=torch.Generator().manual_seed(0), output_type="pt")
     assert out.images.shape[0] == 3 and torch.isfinite(torch.as_tensor(out.images)).all()

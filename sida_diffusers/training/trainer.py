@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import shutil
@@ -720,7 +721,8 @@ class SiDATrainer:
                                           if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
                   f"= {self.total_batch_size} images per iteration, to {cfg.max_train_kimg:g} kimg")
-        bar = tqdm(total=cfg.max_train_kimg, initial=self.cur_nimg / 1000, unit="kimg", disable=not acc.is_main_process,
+        final_kimg = math.ceil(self.max_nimg / self.total_batch_size) * self.total_batch_size / 1000  # whole iterations
+        bar = tqdm(total=final_kimg, initial=self.cur_nimg / 1000, unit="kimg", disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         tick_start, tick_nimg, first = time.time(), self.cur_nimg, True
         while self.cur_nimg < self.max_nimg:
@@ -752,11 +754,12 @@ class SiDATrainer:
 
     def _evaluate_and_track(self) -> None:
         if self.accelerator.is_main_process:
-            from sida_diffusers.evaluation import append_metrics_jsonl
+            from sida_diffusers.evaluation import append_metrics_jsonl, plot_metric_curve
 
             results = self.evaluate()
             self._last_metrics = results
             append_metrics_jsonl(self.output_dir / "metrics.jsonl", {"kimg": self.cur_nimg / 1000, **results})
+            plot_metric_curve(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
             self.accelerator.log(results, step=self.cur_nimg)
             tqdm.write(f"kimg {self.cur_nimg / 1000:.3f} " + " ".join(f"{k} {v:.4g}" for k, v in results.items()))
             if self.tracker.update_from(results, self.cur_nimg / 1000):

@@ -413,21 +413,22 @@ class SiDATrainer:
         return self.augment_pipe(x)
 
     # ---- the two phases -----------------------------------------------------------------------------------------------
-    def _enter_phase(self, trained: torch.nn.Module, frozen: torch.nn.Module) -> None:
-        """Train mode and parameter gradients for `trained` only. Every network call then sees the same mode and
+    def _enter_phase(self, trained: torch.nn.Module, frozen: torch.nn.Module, optimizer) -> None:
+        """Train mode and parameter gradients for `trained` only, forced weight normalisation of `trained` (EDM2,
+        once per phase: ALGORITHM.md §1.3) and cleared gradients. Every network call then sees the same mode and
         requires_grad state in every iteration whatever the stage, so compiled graphs are built in the first
         iteration and never again (a frozen net's graph computes no weight gradients)."""
         trained.train().requires_grad_(True)
         frozen.eval().requires_grad_(False)
+        if self.cfg.force_normalization:
+            trained.normalize_weights_()
+        optimizer.zero_grad(set_to_none=True)
 
     def fake_score_phase(self) -> None:
         """Fake-score (and, for SiDA, discriminator) update: §4.1, §4.2, §5.1 step 1."""
         cfg, adversarial = self.cfg, self.cfg.is_adversarial
         fake, gen = self.unwrap(self.fake_score), self.unwrap(self.generator)
-        self._enter_phase(fake, gen)
-        if cfg.force_normalization:
-            fake.normalize_weights_()
-        self.opt_fake.zero_grad(set_to_none=True)
+        self._enter_phase(fake, gen, self.opt_fake)
         b = cfg.train_batch_size
         for r in range(self.rounds):
             x_real, labels = self.next_batch()
@@ -464,10 +465,7 @@ class SiDATrainer:
         """Generator update: §4.3, §4.4 and the stage objective of §4.5, §5.1 step 2."""
         cfg = self.cfg
         fake, gen = self.unwrap(self.fake_score), self.unwrap(self.generator)
-        self._enter_phase(gen, fake)
-        if cfg.force_normalization:
-            gen.normalize_weights_()
-        self.opt_gen.zero_grad(set_to_none=True)
+        self._enter_phase(gen, fake, self.opt_gen)
         b = cfg.train_batch_size
         for r in range(self.rounds):
             _, labels = self.next_batch(images=False)  # only the labels of the real batch are used (§5.8)

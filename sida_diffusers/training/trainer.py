@@ -719,14 +719,15 @@ class SiDATrainer:
                                           if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
                   f"= {self.total_batch_size} images per iteration, to {cfg.max_train_kimg:g} kimg")
-        final_kimg = math.ceil(self.max_nimg / self.total_batch_size) * self.total_batch_size / 1000  # whole iterations
-        bar = tqdm(total=final_kimg, initial=self.cur_nimg / 1000, unit="kimg", disable=not acc.is_main_process,
+        final_nimg = math.ceil(self.max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
+        # counted in images (exact integers), shown in kimg
+        bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         tick_start, tick_nimg, first = time.time(), self.cur_nimg, True
         while self.cur_nimg < self.max_nimg:
             prev = self.cur_nimg
             self.step()
-            bar.update(self.total_batch_size / 1000)
+            bar.update(self.total_batch_size)
             done = self.cur_nimg >= self.max_nimg
             if first or done or self._crossed(prev, cfg.log_every_kimg):  # the first iteration ends tick 0 (§5.10)
                 self._log_tick(tick_start, self.cur_nimg - tick_nimg)

@@ -743,6 +743,9 @@ class SiDATrainer:
         if acc.is_main_process:
             self.plot_loss_curves()
             pipeline_dir = self.export(self.output_dir / "pipeline")
+            from sida_diffusers.training.summary import write_run_summary
+
+            write_run_summary(self)  # summary.json; the teacher's 35-NFE FD-digits next to the student's
             if cfg.push_to_hub:
                 from sida_diffusers.hub import push_to_hub
 

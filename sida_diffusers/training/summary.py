@@ -51,14 +51,15 @@ def heun_sample_fn(teacher, labels_pool: Optional[torch.Tensor], device, first_s
     return sample_fn
 
 
-def _labels_pool(trainer) -> Optional[torch.Tensor]:
+def evaluation_label_pool(trainer) -> Optional[torch.Tensor]:
+    """The class labels evaluation draws from: the training set's (ALGORITHM.md §9.1), None when unconditional."""
     ds = trainer.dataset
     return torch.from_numpy(ds.labels) if trainer.teacher.is_conditional and ds is not None else None
 
 
 def teacher_metrics(trainer) -> dict:
     """The run's evaluation metrics for the teacher (Heun, 35 NFE) on the student's evaluation seeds and labels."""
-    sample_fn = heun_sample_fn(trainer.teacher, _labels_pool(trainer), trainer.device)
+    sample_fn = heun_sample_fn(trainer.teacher, evaluation_label_pool(trainer), trainer.device)
     return trainer.suite.evaluate(sample_fn)
 
 

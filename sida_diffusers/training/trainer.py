@@ -570,21 +570,13 @@ class SiDATrainer:
         return path
 
     def evaluate(self) -> dict:
-        """Metrics of the EMA generator; labels drawn from the dataset's labels at random indices (§9.1)."""
-        labels_pool = None
-        if self.teacher.is_conditional and self.dataset is not None:
-            labels_pool = torch.from_numpy(self.dataset.labels)
+        """Metrics of the EMA generator; labels drawn from the dataset's labels at random indices (§9.1), by the same
+        `eval_labels` that pairs the teacher's baseline with these samples in `summary.py`."""
+        from sida_diffusers.training.summary import eval_labels, evaluation_label_pool
 
-        def sample_fn(start: int, count: int) -> torch.Tensor:
-            labels = None
-            if self.teacher.is_conditional:
-                g = torch.Generator().manual_seed(start)
-                idx = (labels_pool[torch.randint(len(labels_pool), [count], generator=g)] if labels_pool is not None
-                       else torch.randint(self.teacher.label_dim, [count], generator=g))
-                labels = torch.eye(self.teacher.label_dim, device=self.device)[idx.to(self.device)]
-            return self.sample_images(range(start, start + count), labels)
-
-        return self.suite.evaluate(sample_fn)
+        pool = evaluation_label_pool(self)
+        return self.suite.evaluate(lambda start, count: self.sample_images(
+            range(start, start + count), eval_labels(self.teacher, pool, start, count, self.device)))
 
     def run_info(self, metrics: Optional[dict] = None) -> dict:
         """The run description shared by checkpoints, the export and the model card (ARCHITECTURE.md §3)."""

@@ -10,6 +10,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import Optional
 
 
 class BestTracker:
@@ -57,8 +58,12 @@ def append_metrics_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def plot_metric_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, metrics=None) -> Path:
-    """Plot every numeric field (or only ``metrics``) of a metrics JSONL against ``kimg``; one panel per metric."""
+def plot_metric_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, metrics=None,
+                      baselines: Optional[dict] = None) -> Path:
+    """Plot every numeric field (or only ``metrics``) of a metrics JSONL against ``kimg``; one panel per metric.
+
+    ``baselines`` maps a metric to ``(value, label)``, drawn as a dashed line (e.g. the teacher's multi-step value).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,7 +79,11 @@ def plot_metric_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike
     for ax, name in zip(axes[:, 0], names):
         points = [(r["kimg"], r[name]) for r in records if name in r]
         if points:
-            ax.plot(*zip(*points), marker="o")
+            ax.plot(*zip(*points), marker="o", label="one-step generator (EMA)")
+        if name in (baselines or {}):
+            value, label = baselines[name]
+            ax.axhline(value, color="k", ls="--", label=label)
+            ax.legend()
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[-1, 0].set_xlabel("kimg")

@@ -15,11 +15,11 @@ from typing import Callable, Optional
 
 import torch
 
+from sida_diffusers.evaluation import plot_metric_curve
 from sida_diffusers.latents import pixels_to_uint8
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, edm_sampler, heun_nfe
 
 SUMMARY_FILE = "summary.json"
-CURVE_FILE = "fd_digits_curve.png"
 TEACHER_SAMPLER = "cifar10"  # 18 Heun steps, 35 NFE, deterministic (EDM's CIFAR-10 setting)
 METRIC_LABEL = "FD-digits"  # a Frechet distance in the digits classifier's features, never FID
 
@@ -63,30 +63,6 @@ def teacher_metrics(trainer) -> dict:
     return trainer.suite.evaluate(sample_fn)
 
 
-def plot_fd_curve(metrics_jsonl, png_path, key: str, teacher_value: Optional[float] = None,
-                  label: str = "student (1 step)") -> Path:
-    """FD-digits vs kimg of a run's ``metrics.jsonl``, with the teacher's 35-NFE value as a dashed line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(metrics_jsonl).read_text().splitlines() if line.strip()]
-    points = [(r["kimg"], r[key]) for r in records if key in r]
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot(*zip(*points), marker="o", label=label)
-    if teacher_value is not None:
-        ax.axhline(teacher_value, color="k", ls="--", label=f"teacher (Heun, {heun_nfe(18)} NFE)")
-    ax.set(xlabel="kimg (training images / 1000)", ylabel=f"{METRIC_LABEL} ({key.rsplit('_', 1)[1]} samples)",
-           yscale="log")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
-    return Path(png_path)
-
-
 def _cached_teacher(path: Path, key: dict) -> Optional[dict]:
     if not path.is_file():
         return None
@@ -109,7 +85,9 @@ def write_run_summary(trainer) -> Optional[dict]:
         teacher = _cached_teacher(out / SUMMARY_FILE, cache_key) or teacher_metrics(trainer)
     curve = None
     if key is not None and (out / "metrics.jsonl").is_file():
-        curve = plot_fd_curve(out / "metrics.jsonl", out / CURVE_FILE, key, teacher and teacher.get(key))
+        nfe = heun_nfe(HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"])
+        baseline = {key: (teacher[key], f"teacher (Heun, {nfe} NFE)")} if teacher else None
+        curve = plot_metric_curve(out / "metrics.jsonl", out / "metric_curve.png", baselines=baseline)
     pipeline = out / "pipeline"
     grid = pipeline / "samples_grid.png"
     summary = {
@@ -142,7 +120,7 @@ def format_summary(summary: dict) -> str:
         name = METRIC_LABEL if str(best.get("metric")).startswith("fd_digits_") else best.get("metric")
         note = f"   ({name} {best['best']:.3f} at {best['best_kimg']:g} kimg)" if best.get("best") is not None else ""
         lines.append(f"best pipeline {summary['best_pipeline']}{note}")
-    for name, label in (("sample_grid", "sample grid"), ("fd_curve", "FD curve"), ("metrics_jsonl", "metrics")):
+    for name, label in (("sample_grid", "sample grid"), ("fd_curve", "metric curve"), ("metrics_jsonl", "metrics")):
         if summary.get(name):
             lines.append(f"{label:<14}{summary[name]}")
     if summary["fd_digits_student"] is not None:

@@ -8,11 +8,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = Path(os.environ.get("SIDA_SHARED_DIR", REPO_ROOT.parent / "shared"))
 FIXTURES_DIR = SHARED_DIR / "fixtures"
 
-requires_fixtures = pytest.mark.skipif(
-    not (FIXTURES_DIR / "README.md").exists(),
-    reason=f"parity fixtures not found at {FIXTURES_DIR} (they live in ../shared/fixtures beside the repo; "
-    "set SIDA_SHARED_DIR to point elsewhere)",
-)
+FIXTURES_MISSING = (f"parity fixtures not found at {FIXTURES_DIR} (they live in ../shared/fixtures beside the repo; "
+                    "set SIDA_SHARED_DIR to point elsewhere)")
+requires_fixtures = pytest.mark.skipif(not (FIXTURES_DIR / "README.md").exists(), reason=FIXTURES_MISSING)
 
 
 @pytest.fixture(autouse=True)
@@ -24,5 +22,5 @@ def _deterministic():
 @pytest.fixture
 def fixtures_dir():
     if not (FIXTURES_DIR / "README.md").exists():
-        pytest.skip(f"parity fixtures not found at {FIXTURES_DIR}")
+        pytest.skip(FIXTURES_MISSING)
     return FIXTURES_DIR

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES_DIR
+from conftest import FIXTURES_DIR, FIXTURES_MISSING
 from safetensors.torch import load_file
 
 from sida_diffusers import checkpoints
@@ -33,7 +33,7 @@ NETWORK_FIXTURES = ["edm_ddpmpp_cond", "edm_ddpmpp_uncond", "vp_ddpmpp_uncond", 
 def official_pkl(tmp_path_factory):
     """official_pkl(NAME) -> path of NAME.pkl in the official persistence format (written once per module)."""
     if not (FIXTURES_DIR / "README.md").exists():
-        pytest.skip(f"parity fixtures not found at {FIXTURES_DIR}")
+        pytest.skip(FIXTURES_MISSING)
     folder, written = tmp_path_factory.mktemp("official"), {}
 
     def make(name):

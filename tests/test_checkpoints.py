@@ -8,6 +8,7 @@ import collections
 import io
 import json
 import pickle
+import re
 import subprocess
 import sys
 import warnings
@@ -138,9 +139,12 @@ def test_cli_writes_float16_weights_that_load_back(official_pkl, tmp_path, capsy
     assert load_denoiser(dst, dtype=torch.float16).unet.out_conv.weight.dtype == torch.float16
 
 
-def test_cli_reads_another_entry_with_key(official_pkl, tmp_path, payload_marker):
-    with pytest.raises(ValueError, match=r"entry 'loss_fn' .* has class EDMLoss, not a network module; .*\['ema'\]"):
+def test_cli_reads_another_entry_with_key(official_pkl, tmp_path, payload_marker, capsys):
+    with pytest.raises(SystemExit) as exited:
         convert_main([str(official_pkl("edm_ddpmpp_cond")), str(tmp_path / "out"), "--key", "loss_fn"])
+    assert exited.value.code == 2
+    assert re.search(r"sida-convert: error: entry 'loss_fn' .* has class EDMLoss, not a network module; .*\['ema'\]",
+                     capsys.readouterr().err)
 
 
 # ---- malicious and bad input -------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ def test_sida_export_uses_the_latest_checkpoint_of_a_trainer_output_dir(tmp_path
     write_checkpoint(tmp_path / "run", 1000, tiny_edm(label_dim=3, seed=1))
     latest = tiny_edm(label_dim=3, seed=2)
     write_checkpoint(tmp_path / "run", 12000, latest)
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"method": "sida"}))  # the trainer's TrainConfig dump
     (tmp_path / "names.json").write_text(json.dumps({"0": "plane", "1": "car", "2": "bird"}))
     with mock.patch("sida_diffusers.hub.create_repo"), mock.patch("sida_diffusers.hub.upload_folder") as upload:
         code = export_cli.main([str(tmp_path / "run"), str(tmp_path / "dst"), "--id2label",

@@ -278,3 +278,8 @@ def test_sida_sample_rejects_bad_seeds_and_unknown_folders(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         sample_cli.main([str(tmp_path), "--outdir", str(tmp_path / "out"), "--device", "cpu"])
     assert exit_info.value.code == 2 and "model_index.json" in capsys.readouterr().err
+
+
+def test_a_missing_local_folder_is_named_instead_of_asking_the_hub(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing pipeline folder nor a Hub repo id"):
+        SiDAPipeline.download(str(tmp_path / "no" / "such" / "pipeline"))

@@ -26,7 +26,10 @@ def main(argv=None) -> int:
     parser.add_argument("--cache_dir", default=None, help="where downloads are cached (default $SIDA_CACHE or "
                                                           "~/.cache/sida_diffusers)")
     args = parser.parse_args(argv)
-    model = convert_official(args.src, args.dst, dtype=DTYPES[args.dtype], key=args.key, cache_dir=args.cache_dir)
+    try:
+        model = convert_official(args.src, args.dst, dtype=DTYPES[args.dtype], key=args.key, cache_dir=args.cache_dir)
+    except (ValueError, FileNotFoundError, OSError) as error:  # bad input: one clear line, no traceback
+        parser.exit(2, f"sida-convert: error: {error}\n")
     num_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst}: {type(model).__name__}, {num_params:,} parameters, {args.dtype}")
     return 0

@@ -39,7 +39,9 @@ def _guess_method(src: str) -> str:
 def load_source(src: str, method=None, teacher=None) -> tuple:
     """(generator, run_info, description) for a checkpoint folder, trainer output dir or official generator."""
     path = Path(src)
-    if path.is_dir() and not (path / "config.json").is_file():
+    # a checkpoint folder or a trainer output dir (whose config.json is the run's TrainConfig, not a model config)
+    if path.is_dir() and ((path / "generator_ema").is_dir() or (path / "checkpoints").is_dir()
+                          or not (path / "config.json").is_file()):
         ckpt = latest_checkpoint(path)
         if not (ckpt / "run_info.json").is_file():
             raise FileNotFoundError(f"{ckpt} has no run_info.json (the trainer writes it with every checkpoint).")

@@ -97,7 +97,13 @@ class EDMFamilyPipeline(DiffusionPipeline):
         source (ECOSYSTEM.md §1.3(B)); loading from the local snapshot then resolves `sida_diffusers.*` classes.
         """
         from huggingface_hub import snapshot_download
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+        try:
+            validate_repo_id(str(pretrained_model_name))
+        except HFValidationError:
+            raise FileNotFoundError(f"{pretrained_model_name} is neither an existing pipeline folder nor a Hub repo id "
+                                    "('owner/name'); check the path.") from None
         keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
         return snapshot_download(pretrained_model_name, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 

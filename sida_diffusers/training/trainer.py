@@ -774,4 +774,8 @@ def main(argv=None) -> Optional[Path]:
     """Console entry: parse flags (presets applied) and train."""
     from sida_diffusers.training.config import parse_args
 
-    return SiDATrainer(parse_args(argv)).train()
+    try:
+        trainer = SiDATrainer(parse_args(argv))  # every input check runs here, before any training
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"train_sida: error: {error}") from None
+    return trainer.train()

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -777,5 +778,6 @@ def main(argv=None) -> Optional[Path]:
     try:
         trainer = SiDATrainer(parse_args(argv))  # every input check runs here, before any training
     except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"train_sida: error: {error}") from None
+        print(f"train_sida: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     return trainer.train()

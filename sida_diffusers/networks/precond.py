@@ -45,6 +45,16 @@ class _EDMFamilyPrecond(Denoiser):
             kwargs["sigma_max"] = None  # config.json cannot hold inf
         return cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in own}, model_kwargs=kwargs)
 
+    @property
+    def sigma_min(self) -> float:
+        """Smallest supported noise level (from the config; VP and iDDPM derive theirs from their schedules)."""
+        return float(self.config.sigma_min)
+
+    @property
+    def sigma_max(self) -> float:
+        """Largest supported noise level; a config value of None (EDM's default) means infinity."""
+        return math.inf if self.config.sigma_max is None else float(self.config.sigma_max)
+
     def round_sigma(self, sigma):
         """Noise levels the network supports, as the official `round_sigma` (identity except for iDDPM)."""
         return torch.as_tensor(sigma)
@@ -68,14 +78,6 @@ class EDMPrecond(_EDMFamilyPrecond):
     ):
         super().__init__()
         self._build_model(img_resolution, img_channels, label_dim, model_type, model_kwargs)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.config.sigma_min)
-
-    @property
-    def sigma_max(self) -> float:
-        return math.inf if self.config.sigma_max is None else float(self.config.sigma_max)
 
     def preconditioning(self, sigma):
         sigma_data = self.config.sigma_data
@@ -150,14 +152,6 @@ class VEPrecond(_EDMFamilyPrecond):
     ):
         super().__init__()
         self._build_model(img_resolution, img_channels, label_dim, model_type, model_kwargs)
-
-    @property
-    def sigma_min(self) -> float:
-        return float(self.config.sigma_min)
-
-    @property
-    def sigma_max(self) -> float:
-        return float(self.config.sigma_max)
 
     def preconditioning(self, sigma):
         c_skip = torch.ones_like(sigma)

@@ -89,6 +89,7 @@ def _suite(num_samples: int):
 
 def _student_sample_fn(generator, labels_pool, first_seed: int, init_sigma: float = 2.5):
     from sida_diffusers.latents import pixels_to_uint8
+    from sida_diffusers.pipelines import seed_noise
     from sida_diffusers.training.summary import eval_labels
 
     shape = (generator.img_channels, generator.img_resolution, generator.img_resolution)
@@ -96,7 +97,7 @@ def _student_sample_fn(generator, labels_pool, first_seed: int, init_sigma: floa
     @torch.no_grad()
     def sample_fn(start: int, count: int) -> torch.Tensor:
         s = first_seed + start
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(s, s + count)])
+        z = seed_noise(range(s, s + count), shape)
         labels = eval_labels(generator, labels_pool, s, count, "cpu")
         return pixels_to_uint8(generator(z * init_sigma, torch.full([count, 1, 1, 1], init_sigma), labels))
 

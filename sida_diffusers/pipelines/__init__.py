@@ -14,6 +14,7 @@ from sida_diffusers.pipelines.pipeline_sida import (
     SiDAPipeline,
     image_grid,
     seed_generators,
+    seed_noise,
     uint8_to_pil,
 )
 
@@ -30,5 +31,6 @@ __all__ = [
     "image_grid",
     "karras_sigmas",
     "seed_generators",
+    "seed_noise",
     "uint8_to_pil",
 ]

@@ -33,6 +33,12 @@ def seed_generators(seeds: Sequence[int], device: Union[str, torch.device] = "cp
     return [torch.Generator(device).manual_seed(int(seed) % (1 << 32)) for seed in seeds]
 
 
+def seed_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    """Unit Gaussian noise ``[len(seeds), *shape]`` on the CPU, sample i drawn from its own generator seeded with
+    seeds[i] (the same numbers as the pipelines' per-seed generators)."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in seed_generators(seeds)])
+
+
 def image_grid(images: Sequence[PIL.Image.Image], cols: Optional[int] = None) -> PIL.Image.Image:
     """Tile equally sized images row by row: ceil(sqrt(n)) columns by default, the last row padded with black."""
     if not images:

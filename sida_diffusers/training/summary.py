@@ -17,6 +17,7 @@ import torch
 
 from sida_diffusers.evaluation import plot_metric_curve
 from sida_diffusers.latents import pixels_to_uint8
+from sida_diffusers.pipelines import seed_noise
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, edm_sampler, heun_nfe
 
 SUMMARY_FILE = "summary.json"
@@ -44,7 +45,7 @@ def heun_sample_fn(teacher, labels_pool: Optional[torch.Tensor], device, first_s
     @torch.no_grad()
     def sample_fn(start: int, count: int) -> torch.Tensor:
         s = first_seed + start
-        z = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(i)) for i in range(s, s + count)])
+        z = seed_noise(range(s, s + count), shape)
         labels = eval_labels(teacher, labels_pool, s, count, device)
         return pixels_to_uint8(edm_sampler(teacher, z.to(device), labels, **HEUN_PRESETS[preset]))
 

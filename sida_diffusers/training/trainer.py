@@ -541,7 +541,9 @@ class SiDATrainer:
     def sample_images(self, seeds, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """uint8 images ``[N,C,H,W]`` of the EMA generator, one noise seed per image (decoded for EDM2, §6.1)."""
         n = len(seeds)
-        z = torch.stack([torch.randn(self.img_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        from sida_diffusers.pipelines import seed_noise
+
+        z = seed_noise(seeds, self.img_shape)
         z = z.to(self.device) * self.cfg.init_sigma
         x = self.generator_ema(z, torch.full([n, 1, 1, 1], self.cfg.init_sigma, device=self.device), labels,
                                self._augment_zeros(self.teacher, n))

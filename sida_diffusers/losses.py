@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # Karras schedule of the generator losses (ALGORITHM.md §4.3)
+from sida_diffusers.schedule import RHO, SIGMA_MAX, SIGMA_MIN, karras_interpolate
+
 LOGIT_CLAMP = 10.0                            # the generator's adversarial logits are clamped to +-10 (§4.4)
 OMEGA_MIN = 1e-5                              # floor of the SiD normaliser omega (§4.3 step 3)
 
@@ -31,8 +32,7 @@ def lognormal_sigma(n: int, P_mean: float = -1.2, P_std: float = 1.2, device=Non
 def karras_sigma(t: torch.Tensor, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                  rho: float = RHO) -> torch.Tensor:
     """Continuous Karras schedule: t=0 -> sigma_min, t=1 -> sigma_max (ALGORITHM.md §4.3 step 1)."""
-    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (hi + (1 - t) * (lo - hi)) ** rho
+    return karras_interpolate(1 - t, sigma_min, sigma_max, rho)
 
 
 def generator_sigma(n: int, tmax: float = 800, device=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:

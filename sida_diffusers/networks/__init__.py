@@ -1,6 +1,6 @@
 """Raw UNets and preconditioned denoisers (EDM and EDM2 families)."""
 
-from sida_diffusers.networks.base import RETURN_FLAGS, Denoiser
+from sida_diffusers.networks.base import RETURN_FLAGS, Denoiser, edm_preconditioning, one_hot
 from sida_diffusers.networks.edm import DhariwalUNet, SongUNet, UNetBlock
 from sida_diffusers.networks.edm2 import normalize_mpconv_weights_
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
@@ -8,7 +8,8 @@ from sida_diffusers.networks.precond_edm2 import EDM2Precond
 
 __all__ = [
     "Denoiser", "DhariwalUNet", "EDM2Precond", "EDMPrecond", "RETURN_FLAGS", "SongUNet", "UNetBlock", "VEPrecond",
-    "VPPrecond", "denoiser_from_official", "iDDPMPrecond", "normalize_mpconv_weights_",
+    "VPPrecond", "denoiser_from_official", "edm_preconditioning", "iDDPMPrecond", "normalize_mpconv_weights_",
+    "one_hot",
 ]
 
 # Official class names -> (our class path, extra arguments). SiDA's encoder/decoder wrappers are the same networks

@@ -14,7 +14,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
-RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
+RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")  # the values of `return_flag` (ALGORITHM.md §3)
 
 SigmaLike = Union[float, int, torch.Tensor, Sequence[float]]
 
@@ -28,6 +28,29 @@ def plain_config(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def one_hot(labels, label_dim: int) -> torch.Tensor:
+    """Float32 one-hot rows ``[N, label_dim]`` of integer class indices ``[N]`` (``[N, 0]`` when ``label_dim == 0``),
+    the label encoding every denoiser takes (ALGORITHM.md §1.1)."""
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if label_dim == 0:
+        return torch.zeros(len(labels), 0, device=labels.device)
+    # Checked on the host only: on an accelerator the check would cost a sync, and one_hot's own kernel asserts there.
+    if labels.device.type == "cpu" and len(labels) and (labels.min() < 0 or labels.max() >= label_dim):
+        raise ValueError(f"class labels must lie in [0, {label_dim}) for label_dim={label_dim}, got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]; pass labels of the model's classes, or none "
+                         "for an unconditional model (an unlabeled dataset: use_labels=False).")
+    return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
+
+
+def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
+    """EDM's ``(c_skip, c_out, c_in, c_noise)`` for sigma ``[N,1,1,1]``, c_noise = ln(sigma)/4 flattened to ``[N]``
+    (ALGORITHM.md §1.2), in the official operation order; EDM2 uses the same coefficients (§1.3)."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
+    return c_skip, c_out, c_in, sigma.flatten().log() / 4
 
 
 class Denoiser(ModelMixin, ConfigMixin):
@@ -159,10 +182,7 @@ class Denoiser(ModelMixin, ConfigMixin):
             return torch.zeros([1, self.label_dim], device=device)
         labels = torch.as_tensor(class_labels, device=device)
         if not labels.is_floating_point() and labels.ndim <= 1:
-            labels = labels.reshape(-1).long()
-            if labels.numel() and (labels.min() < 0 or labels.max() >= self.label_dim):
-                raise ValueError(f"class index out of range for label_dim={self.label_dim}: {labels.tolist()}.")
-            labels = torch.nn.functional.one_hot(labels, self.label_dim)
+            labels = one_hot(labels, self.label_dim)
         labels = labels.to(torch.float32)
         if labels.ndim != 2 or labels.shape[1] != self.label_dim:
             raise ValueError(

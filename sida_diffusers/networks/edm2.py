@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")
+from sida_diffusers.networks.base import RETURN_FLAGS
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:

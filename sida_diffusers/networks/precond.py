@@ -16,7 +16,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (Diffusers' loader looks the base class up here)
 
-from sida_diffusers.networks.base import Denoiser, plain_config
+from sida_diffusers.networks.base import Denoiser, edm_preconditioning, plain_config
 from sida_diffusers.networks.edm import build_unet
 
 
@@ -80,12 +80,7 @@ class EDMPrecond(_EDMFamilyPrecond):
         self._build_model(img_resolution, img_channels, label_dim, model_type, model_kwargs)
 
     def preconditioning(self, sigma):
-        sigma_data = self.config.sigma_data
-        c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-        c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-        c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip, c_out, c_in, c_noise.flatten()
+        return edm_preconditioning(sigma, self.config.sigma_data)
 
 
 class VPPrecond(_EDMFamilyPrecond):

@@ -15,7 +15,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (Diffusers' loader looks the base class up here)
 
-from sida_diffusers.networks.base import Denoiser, plain_config
+from sida_diffusers.networks.base import Denoiser, edm_preconditioning, plain_config
 from sida_diffusers.networks.edm2 import MPConv, MPFourier, UNet, normalize_mpconv_weights_
 
 
@@ -95,12 +95,7 @@ class EDM2Precond(Denoiser):
 
     def preconditioning(self, sigma: torch.Tensor):
         """EDM coefficients in the official operation order; c_noise = log(sigma)/4, flattened to [N]."""
-        sd = self.config.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.flatten().log() / 4
-        return c_skip, c_out, c_in, c_noise
+        return edm_preconditioning(sigma, self.config.sigma_data)
 
     def logvar(self, c_noise: torch.Tensor) -> torch.Tensor:
         """The uncertainty u(sigma) of EDM2's loss, [N,1,1,1] (ALGORITHM.md §1.3)."""

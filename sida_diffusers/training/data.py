@@ -5,9 +5,7 @@ Hub id such as ``uoft-cs/cifar10`` or ``name:split``, a local ``save_to_disk`` f
 image folder, an EDM ``dataset_tool`` zip, or an EDM2 latent zip/folder of ``img-mean-std-*.npy`` files. Every source
 becomes a `TrainingDataset` of uint8 CHW images (or float32 2CxHxW latent moments) plus integer class labels.
 
-`InfiniteBatchStream` turns it into training batches (ALGORITHM.md §5.8): pixels as ``uint8 / 127.5 - 1`` (§1.1),
-latents encoded stochastically on every use, ``(mean + std * eps) * scale + bias`` (§6.1, §10 item 11); one-hot
-labels.
+`sida_diffusers.training.batches` turns it into training batches (ALGORITHM.md §5.8).
 """
 
 from __future__ import annotations
@@ -17,28 +15,13 @@ import json
 import os
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import PIL.Image
 import torch
 
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, encode_latents  # noqa: F401 (re-exported)
-
-DIGITS_RESOLUTION = 16  # scikit-learn's 8x8 digits are upsampled to this by default
-
-# ---- batch helpers ---------------------------------------------------------------------------------------------------
-
-def one_hot(labels, label_dim: int) -> torch.Tensor:
-    """Float32 one-hot ``[B, label_dim]`` of integer class indices ``[B]``; ``[B, 0]`` when ``label_dim == 0``."""
-    labels = torch.as_tensor(labels, dtype=torch.long)
-    if label_dim == 0:
-        return torch.zeros(len(labels), 0, device=labels.device)
-    if len(labels) and (labels.min() < 0 or labels.max() >= label_dim):
-        raise ValueError(f"class labels must lie in [0, {label_dim}), got values in [{int(labels.min())}, "
-                         f"{int(labels.max())}]; an unlabeled dataset needs label_dim=0 (use_labels=False).")
-    return torch.nn.functional.one_hot(labels, label_dim).float()
-
 
 # ---- the dataset -----------------------------------------------------------------------------------------------------
 
@@ -182,22 +165,6 @@ def _open_image(data: bytes, resolution: Optional[int], where: str) -> np.ndarra
             return _image_array(image, resolution, where)
     except (PIL.UnidentifiedImageError, OSError) as err:
         raise ValueError(f"{where}: cannot read the image ({err}); remove or re-encode the file.") from err
-
-
-def load_digits_dataset(resolution: int = DIGITS_RESOLUTION):
-    """scikit-learn's 1,797 digits as a ``datasets.Dataset``: grey PIL ``image`` (R x R) and ``ClassLabel`` ``label``.
-
-    Values 0..16 are mapped to 0..255 and upsampled from 8x8 with PIL bicubic; the result is deterministic.
-    """
-    import datasets
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)
-    images = [PIL.Image.fromarray(p, mode="L").resize((resolution, resolution), PIL.Image.BICUBIC) for p in pixels]
-    features = datasets.Features({"image": datasets.Image(),
-                                  "label": datasets.ClassLabel(names=[str(i) for i in range(10)])})
-    return datasets.Dataset.from_dict({"image": images, "label": digits.target.astype(np.int64)}, features=features)
 
 
 # ---- Hugging Face datasets -------------------------------------------------------------------------------------------
@@ -366,6 +333,8 @@ def build_dataset(
         raise ValueError(f"source must be 'digits', a path, a Hugging Face dataset id or a datasets.Dataset, got "
                          f"{source!r}.")
     if source == "digits":
+        from sida_diffusers.digits import DIGITS_RESOLUTION, load_digits_dataset
+
         ds = load_digits_dataset(resolution or DIGITS_RESOLUTION)
         return _from_hf(ds, "digits", None, image_column, label_column, use_labels, max_size, keep)
     saved = Path(source if os.path.exists(source) else source.rsplit(":", 1)[0])  # "folder:split" names a split
@@ -379,60 +348,3 @@ def build_dataset(
                                 f"Hugging Face dataset id such as 'uoft-cs/cifar10').")
     return _from_hf(_load_hf(source, cache_dir), source, resolution, image_column, label_column, use_labels, max_size,
                     keep)
-
-
-# ---- the batch stream ------------------------------------------------------------------------------------------------
-
-class InfiniteBatchStream:
-    """Endless seeded batches for one rank: ``next(stream) -> (x, class_labels)`` on ``device``.
-
-    The global order is a fresh permutation of the dataset per epoch (``seed``, epoch); rank ``r`` takes every
-    ``world_size``-th element from offset ``r``, so ranks are disjoint within an epoch, every rank gets full batches,
-    and epochs wrap around without dropping anything. ``position`` counts global samples consumed; `state_dict` holds
-    it, so a resumed run sees exactly the batches an uninterrupted one would have. ``x`` is float32 pixels in [-1, 1]
-    or freshly sampled latents; ``class_labels`` is one-hot ``[B, label_dim]`` (``[B, 0]`` when unlabeled).
-    """
-
-    def __init__(self, dataset: TrainingDataset, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 start_position: int = 0, device: Union[str, torch.device] = "cpu"):
-        if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or start_position < 0:
-            raise ValueError(f"need batch_size >= 1, world_size >= 1, 0 <= rank < world_size and start_position >= 0; "
-                             f"got batch_size={batch_size}, rank={rank}, world_size={world_size}, "
-                             f"start_position={start_position}.")
-        self.dataset, self.batch_size, self.rank, self.world_size = dataset, int(batch_size), int(rank), int(world_size)
-        self.seed, self.position, self.device = int(seed), int(start_position), torch.device(device)
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}  # keep at most the previous epoch
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.dataset))
-        return self._perms[epoch]
-
-    def indices(self, position: Optional[int] = None) -> np.ndarray:
-        """Dataset indices of this rank's batch that starts at global ``position`` (default: the next batch)."""
-        position = self.position if position is None else position
-        stream = position + self.rank + self.world_size * np.arange(self.batch_size)
-        epochs, offsets = np.divmod(stream, len(self.dataset))
-        return np.array([self._permutation(int(e))[o] for e, o in zip(epochs, offsets)], dtype=np.int64)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        items, labels = self.dataset.get_batch(self.indices())
-        x = torch.from_numpy(items).to(self.device)
-        if self.dataset.is_latent:
-            # eps depends on (seed, rank, position) only, so resumed runs redraw the same latents.
-            key = np.random.SeedSequence([self.seed, self.rank, self.position]).generate_state(1)[0]
-            x = encode_latents(x, torch.Generator(self.device).manual_seed(int(key)))
-        else:
-            x = x.to(torch.float32) / 127.5 - 1  # ALGORITHM.md §1.1
-        self.position += self.batch_size * self.world_size
-        return x, one_hot(torch.from_numpy(labels), self.dataset.label_dim).to(self.device)
-
-    def state_dict(self) -> dict:
-        return {"position": self.position, "seed": self.seed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position, self.seed = int(state["position"]), int(state["seed"])

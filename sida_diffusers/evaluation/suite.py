@@ -306,6 +306,17 @@ class MetricSuite:
         return entries, meta
 
 
+def pipeline_sample_fn(pipe, first_seed: int = 0, label_pool=None, **call_kwargs):
+    """``sample_fn(start, count)`` for `MetricSuite`: the uint8 images of seeds ``first_seed + start`` onwards from
+    ``pipe.generate_uint8``, the one generation path (labels of a conditional model drawn per seed, from
+    `label_pool` or uniformly), so a figure depends on the seeds only, never on who samples or the batch size."""
+    def sample_fn(start: int, count: int) -> torch.Tensor:
+        seeds = range(first_seed + start, first_seed + start + count)
+        return pipe.generate_uint8(seeds, label_pool=label_pool, batch_size=count, **call_kwargs)
+
+    return sample_fn
+
+
 def evaluate_repeats(suite: MetricSuite, make_sample_fn, repeats: int = 10, seeds_start: int = 0) -> dict[str, dict]:
     """Evaluate ``repeats`` independent runs of fresh samples (ALGORITHM.md §9.1: 10 runs of 50k).
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import PIL.Image
@@ -19,9 +19,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.networks import Denoiser
 from sida_diffusers.pipelines.pipeline_sida import EDMFamilyPipeline, GeneratorLike, LabelsLike
+from sida_diffusers.schedule import RHO, SIGMA_MAX, SIGMA_MIN, karras_interpolate
 
 # Algorithm 2 defaults (EDM generate.py; the same values are EDM2's sampler defaults).
-HEUN_DEFAULTS = dict(num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+HEUN_DEFAULTS = dict(num_steps=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
                      S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0)
 # Published sampler settings per benchmark; NFE = 2 * num_steps - 1.
 HEUN_PRESETS = {
@@ -38,13 +39,13 @@ def heun_nfe(num_steps: int, guided: bool = False) -> int:
     return (2 * num_steps - 1) * (2 if guided else 1)
 
 
-def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0,
+def karras_sigmas(num_steps: int, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX, rho: float = RHO,
                   round_sigma: Callable = torch.as_tensor) -> torch.Tensor:
     """Noise levels t_0 > ... > t_{N-1} of EDM Eq. 5 in float64, followed by t_N = 0."""
     if num_steps < 2:
         raise ValueError(f"the Heun sampler needs num_steps >= 2, got {num_steps}; the one-step model is SiDAPipeline.")
     i = torch.arange(num_steps, dtype=torch.float64)
-    t = (sigma_max ** (1 / rho) + i / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t = karras_interpolate(i / (num_steps - 1), sigma_min, sigma_max, rho)
     return torch.cat([torch.as_tensor(round_sigma(t), dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
 
 
@@ -53,9 +54,9 @@ def edm_sampler(
     latents: torch.Tensor,
     class_labels: Optional[torch.Tensor] = None,
     num_steps: int = 18,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
-    rho: float = 7.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
+    rho: float = RHO,
     S_churn: float = 0.0,
     S_min: float = 0.0,
     S_max: float = math.inf,
@@ -171,6 +172,7 @@ class EDMHeunPipeline(EDMFamilyPipeline):
         S_noise: Optional[float] = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        label_pool: Optional[Sequence[int]] = None,
     ):
         r"""Sample `batch_size` images with the Heun sampler.
 
@@ -186,7 +188,7 @@ class EDMHeunPipeline(EDMFamilyPipeline):
                                          S_noise=S_noise)
         device = self._execution_device
         eps = self.prepare_noise(batch_size, generator, latents, device)
-        labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
+        labels = self.prepare_class_labels(class_labels, batch_size, generator, device, label_pool)
         guide = self.guide if guidance != 1 else None
         x = edm_sampler(self.unet, eps, labels, generator=generator, guide=guide, guidance=guidance,
                         progress=self.progress_bar, **settings)

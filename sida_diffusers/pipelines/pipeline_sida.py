@@ -17,7 +17,8 @@ from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineO
 from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.latents import decode_latents, pixels_to_uint8, unit_to_uint8
-from sida_diffusers.networks import Denoiser
+from sida_diffusers.networks import Denoiser, one_hot
+from sida_diffusers.schedule import INIT_SIGMA
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
 # (ECOSYSTEM.md §1.3, `_get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
@@ -37,6 +38,19 @@ def seed_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
     """Unit Gaussian noise ``[len(seeds), *shape]`` on the CPU, sample i drawn from its own generator seeded with
     seeds[i] (the same numbers as the pipelines' per-seed generators)."""
     return torch.stack([torch.randn(tuple(shape), generator=g) for g in seed_generators(seeds)])
+
+
+def check_label_pool(label_pool, label_dim: int) -> torch.Tensor:
+    """The class labels to draw from (e.g. a dataset's labels) as an int64 tensor ``[M]``, checked against the model."""
+    pool = torch.as_tensor(np.asarray(label_pool)).reshape(-1)
+    if pool.numel() == 0 or pool.is_floating_point() or pool.dtype == torch.bool:
+        raise ValueError(f"label_pool must be a non-empty list of integer class labels, got {pool.numel()} values "
+                         f"of dtype {pool.dtype}.")
+    pool = pool.long()
+    if pool.min() < 0 or pool.max() >= label_dim:
+        raise ValueError(f"label_pool spans classes {int(pool.min())}..{int(pool.max())} but the model has "
+                         f"label_dim={label_dim}; pass the labels of the dataset the model was trained on.")
+    return pool
 
 
 def image_grid(images: Sequence[PIL.Image.Image], cols: Optional[int] = None) -> PIL.Image.Image:
@@ -125,26 +139,32 @@ class EDMFamilyPipeline(DiffusionPipeline):
             raise ValueError(f"unknown class name(s) {unknown}; use one of pipe.labels ({known}) or class indices.")
         return [self.labels[name.strip()] for name in names]
 
-    def prepare_class_labels(self, class_labels: LabelsLike, batch_size: int, generator: GeneratorLike, device):
+    def prepare_class_labels(self, class_labels: LabelsLike, batch_size: int, generator: GeneratorLike, device,
+                             label_pool: Optional[Sequence[int]] = None):
         """One-hot labels ``[batch_size, label_dim]`` (None for an unconditional model).
 
         `class_labels`: an index, a class name, a list of those (one per image, or one for all), a tensor of indices,
-        or a one-hot / soft-label tensor ``[N, label_dim]``. None on a conditional model draws uniform labels from
-        `generator`; with per-image generators each label comes from that image's generator after its noise, as in
-        EDM's generate script, so image i depends only on generator i.
+        or a one-hot / soft-label tensor ``[N, label_dim]``. None on a conditional model draws the labels from
+        `generator`: uniformly over the classes, or, given `label_pool` (e.g. the training set's labels), the label
+        at a uniformly drawn index of the pool (ALGORITHM.md §9.1). With per-image generators each label comes from
+        that image's generator after its noise, as in EDM's generate script, so image i depends only on generator i
+        whatever the batch size.
         """
         label_dim = self.unet.label_dim
         if label_dim == 0:
-            if class_labels is not None:
-                raise ValueError("this model is unconditional (label_dim=0) but class_labels were given; pass None.")
+            if class_labels is not None or label_pool is not None:
+                raise ValueError("this model is unconditional (label_dim=0) but class labels were given; pass None.")
             return None
         if class_labels is None:
+            pool = None if label_pool is None else check_label_pool(label_pool, label_dim)
+            size = label_dim if pool is None else len(pool)
             if isinstance(generator, list):
-                index = torch.stack([torch.randint(label_dim, (), generator=g, device=g.device) for g in generator])
+                index = torch.stack([torch.randint(size, (), generator=g, device=g.device) for g in generator])
             else:
                 gen_device = generator.device if generator is not None else "cpu"
-                index = torch.randint(label_dim, (batch_size,), generator=generator, device=gen_device)
-            return torch.nn.functional.one_hot(index.to(device), label_dim).to(torch.float32)
+                index = torch.randint(size, (batch_size,), generator=generator, device=gen_device)
+            index = index.cpu()
+            return one_hot(index if pool is None else pool[index], label_dim).to(device)
 
         if isinstance(class_labels, (str, int, np.integer)):
             class_labels = [class_labels]
@@ -165,7 +185,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
             if labels.numel() and (labels.min() < 0 or labels.max() >= label_dim):
                 raise ValueError(f"class index out of range: {labels.tolist()} (valid: 0..{label_dim - 1} for "
                                  f"label_dim={label_dim}).")
-            labels = torch.nn.functional.one_hot(labels, label_dim)
+            labels = one_hot(labels, label_dim)
         else:
             raise ValueError(
                 f"class_labels tensor of dtype {labels.dtype} and shape {list(labels.shape)} not understood; pass "
@@ -179,6 +199,33 @@ class EDMFamilyPipeline(DiffusionPipeline):
                 "single label for all of them."
             )
         return labels.to(torch.float32)
+
+    # ---- the one generation path behind every reported figure -------------------------------------------------
+    @torch.no_grad()
+    def generate_uint8(self, seeds: Sequence[int], class_labels: LabelsLike = None,
+                       label_pool: Optional[Sequence[int]] = None, batch_size: int = 64, **call_kwargs) -> torch.Tensor:
+        """uint8 images ``[len(seeds), C, H, W]`` on the CPU, image i made from ``seeds[i]`` alone.
+
+        Each image's noise, then (with `class_labels=None`) its label, come from a CPU generator seeded with its seed
+        (EDM's `--seeds` convention; labels from `label_pool` or uniform), so an image, and every figure computed from
+        it, is the same whatever the batch size or device. The training grids and evaluation, the run summary, the
+        digits tables, `sida-eval` and `sida-sample` all generate through here, i.e. through the pipeline's own
+        `__call__`; `call_kwargs` go to it (e.g. `num_inference_steps`).
+        """
+        seeds = [int(s) for s in seeds]
+        if class_labels is not None:
+            class_labels = self.prepare_class_labels(class_labels, len(seeds), None, "cpu")
+        chunks = []
+        for i in range(0, len(seeds), batch_size):
+            part = seeds[i:i + batch_size]
+            labels = None if class_labels is None else class_labels[i:i + batch_size]
+            images = self(batch_size=len(part), class_labels=labels, label_pool=label_pool,
+                          generator=seed_generators(part), output_type="np", **call_kwargs)[0]
+            images = np.asarray(images)
+            if images.dtype != np.uint8:  # "np" is uint8 / 255 in float32: rounding recovers the exact bytes
+                images = np.round(images * 255).astype(np.uint8)
+            chunks.append(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
+        return torch.cat(chunks)
 
     # ---- noise -------------------------------------------------------------------------------------------------
     def check_common_inputs(self, batch_size: int, output_type: str, generator: GeneratorLike):
@@ -243,7 +290,7 @@ class SiDAPipeline(EDMFamilyPipeline):
 
     Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
-    Config: `init_sigma` (2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
+    Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
     None for pixel models).
 
@@ -257,14 +304,14 @@ class SiDAPipeline(EDMFamilyPipeline):
         self,
         unet: Denoiser,
         vae=None,
-        init_sigma: float = 2.5,           # sigma of the generator's input noise z = init_sigma * eps (§2)
+        init_sigma: float = INIT_SIGMA,    # sigma of the generator's input noise z = init_sigma * eps (§2)
         id2label: Optional[dict] = None,    # class index -> name(s)
         latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
         latent_bias: Optional[list] = None,   # EDM2: per-channel latent bias (§6.1)
     ):
         super().__init__()
         if not float(init_sigma) > 0:
-            raise ValueError(f"init_sigma must be positive (the official value is 2.5), got {init_sigma}.")
+            raise ValueError(f"init_sigma must be positive (the official value is {INIT_SIGMA}), got {init_sigma}.")
         self._register_common(unet, vae, id2label, latent_scale, latent_bias)
         self.register_to_config(init_sigma=float(init_sigma))
 
@@ -278,6 +325,7 @@ class SiDAPipeline(EDMFamilyPipeline):
         num_inference_steps: int = 1,
         output_type: str = "pil",
         return_dict: bool = True,
+        label_pool: Optional[Sequence[int]] = None,
     ):
         r"""Generate `batch_size` images.
 
@@ -285,7 +333,7 @@ class SiDAPipeline(EDMFamilyPipeline):
             batch_size: number of images.
             class_labels: for conditional models: an index, a class name (see `pipe.labels`), a list with one per
                 image, a tensor of indices, or one-hot rows `[N, label_dim]`; None draws uniform labels from
-                `generator`. Must be None for unconditional models.
+                `generator` (see `label_pool`). Must be None for unconditional models.
             generator: a `torch.Generator`, or a list with one per image (EDM-style per-seed reproducibility: image
                 i then depends only on generator i, whatever the batch composition).
             latents: unit Gaussian noise `[N, C, H, W]` to use instead of drawing it; the generator sees
@@ -295,13 +343,15 @@ class SiDAPipeline(EDMFamilyPipeline):
             output_type: "pil", "np" (uint8 `[N, H, W, C]`, the exact EDM conversion) or "pt" (float `[N, C, H, W]`
                 in [0, 1], not quantised).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
+            label_pool: with `class_labels=None`, draw each image's label from these class labels (e.g. the training
+                set's, as the paper's evaluation does) instead of uniformly over the classes.
         """
         generator = self.check_common_inputs(batch_size, output_type, generator)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         device = self._execution_device
         eps = self.prepare_noise(batch_size, generator, latents, device)
-        labels = self.prepare_class_labels(class_labels, batch_size, generator, device)
+        labels = self.prepare_class_labels(class_labels, batch_size, generator, device, label_pool)
 
         init_sigma = self.config.init_sigma
         x = self.run_generator(init_sigma * eps, init_sigma, labels)

@@ -140,9 +140,10 @@ def run(args) -> dict:
             torch.cuda.synchronize()
         warmup_s = time.perf_counter() - start
         timer.enabled = True
+        nimg_before = trainer.cur_nimg
         start = time.perf_counter()
         for _ in range(args.iters):
-            trainer.step()
+            stage = trainer.step()
         if cuda:
             torch.cuda.synchronize()
         seconds = (time.perf_counter() - start) / args.iters
@@ -158,7 +159,8 @@ def run(args) -> dict:
             adam_fused=trainer.opt_gen.defaults["fused"], train_batch_size=images, warmup=args.warmup,
             iters=args.iters, warmup_s=round(warmup_s, 2), s_per_iter=round(seconds, 4),
             img_per_s=round(images / seconds, 2), s_per_kimg=round(seconds * 1000 / images, 3),
-            phase_ms=timer.totals_ms(args.iters), params_per_net=params,
+            phase_ms=timer.totals_ms(args.iters), phase_calls={k: len(v) for k, v in timer.marks.items()},
+            stage=stage.number, timed_nimg=trainer.cur_nimg - nimg_before, params_per_net=params,
             peak_alloc_gb=round(torch.cuda.max_memory_allocated() / 2 ** 30, 2) if cuda else None,
             peak_reserved_gb=round(torch.cuda.max_memory_reserved() / 2 ** 30, 2) if cuda else None,
             losses=losses, finite=all(np.isfinite(v) for v in losses.values()))

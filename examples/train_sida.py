@@ -9,7 +9,7 @@ Every flag is a field of `sida_diffusers.training.TrainConfig`; `--preset NAME` 
 from `sida_diffusers/training/presets.json`, and flags given explicitly override them. `--help` lists them all.
 """
 
-from sida_diffusers.training import main
+from sida_diffusers.cli.train import main
 
 if __name__ == "__main__":
     main()

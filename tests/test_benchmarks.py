@@ -13,7 +13,8 @@ import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
 
 TRAIN_KEYS = {"preset", "device", "precision", "tf32", "channels_last", "compile", "train_batch_size", "img_per_s",
-              "s_per_kimg", "s_per_iter", "peak_alloc_gb", "peak_reserved_gb", "phase_ms", "losses", "finite"}
+              "s_per_kimg", "s_per_iter", "peak_alloc_gb", "peak_reserved_gb", "phase_ms", "phase_calls", "stage",
+              "timed_nimg", "params_per_net", "losses", "finite"}
 
 
 def printed_json(capsys) -> dict:
@@ -21,17 +22,23 @@ def printed_json(capsys) -> dict:
 
 
 def test_tiny_training_benchmark_times_the_real_stage3_step(capsys):
-    torch.set_num_threads(1)
-    record = bench_train.main(["--tiny", "--preset", "edm2-xs", "--warmup", "1", "--iters", "1"])
+    record = bench_train.main(["--tiny", "--preset", "edm2-xs", "--warmup", "1", "--iters", "2"])
     assert printed_json(capsys) == record and TRAIN_KEYS <= set(record)
     assert (record["device"], record["train_batch_size"], record["precision"]) == ("cpu", 4, "fp32")
+    # what is timed is SiDATrainer.step() in stage 3: every iteration runs both phases and the EMA once, advances
+    # the image count by the batch, and produces all four losses of SiDA
+    assert record["stage"] == 3 and record["timed_nimg"] == 2 * 4
+    assert record["phase_calls"] == {"fake_score_phase": 2, "generator_phase": 2, "ema": 2}
     assert set(record["losses"]) == {"fake_score_loss", "d_loss", "g_loss", "g_gan_loss"} and record["finite"]
-    assert record["img_per_s"] > 0 and record["s_per_kimg"] == pytest.approx(1000 / record["img_per_s"], rel=1e-2)
-    assert set(record["phase_ms"]) == {"fake_score_phase", "generator_phase", "ema"}
+    assert record["params_per_net"] == sum(p.numel() for p in bench_train.build_teacher("edm2-xs", tiny=True)
+                                           .parameters())
+    # the figures are consistent with each other: throughput from the step time, phases inside the step
+    assert record["img_per_s"] == pytest.approx(4 / record["s_per_iter"], rel=1e-2)
+    assert record["s_per_kimg"] == pytest.approx(1000 / record["img_per_s"], rel=1e-2)
+    assert 0 < sum(record["phase_ms"].values()) <= record["s_per_iter"] * 1000 * 1.05
 
 
 def test_tiny_sampling_benchmark_compares_one_step_with_heun(capsys):
-    torch.set_num_threads(1)
     record = bench_sample.main(["--tiny", "--precision", "bf16"])
     assert printed_json(capsys) == record
     assert (record["batch_size"], record["heun_nfe"], record["precision"]) == (16, 5, "bf16")

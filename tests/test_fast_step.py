@@ -12,7 +12,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 from sida_diffusers.networks.precond import EDMPrecond
-from sida_diffusers.training import SiDATrainer, make_config
+from sida_diffusers.training import SiDATrainer, Stage, make_config
 from sida_diffusers.training.augment import AugmentPipe
 from sida_diffusers.training.data import build_dataset
 from test_trainer import params
@@ -46,7 +46,8 @@ def run_stages(trainer):
     """Step through every stage; returns the logged losses per iteration and the Dynamo compile count after each."""
     losses, compiled = [], []
     for stage in STAGES:
-        assert tuple(trainer.step().values()) == stage
+        step = trainer.step()
+        assert (step.step_generator, step.adversarial) == stage
         losses.append({k: v.clone() for k, v in trainer.last_losses.items()})
         compiled.append(counters["frames"]["total"])
     return losses, compiled
@@ -104,7 +105,7 @@ def test_compiled_networks_never_recompile_after_the_first_iteration(plain_and_c
 def stage3_phases(trainer):
     trainer.cur_nimg = 8  # stage 3: every loss term
     trainer.fake_score_phase()
-    trainer.generator_phase(step_generator=True, use_adversarial=True)
+    trainer.generator_phase(Stage(step_generator=True, adversarial=True))
     return trainer
 
 

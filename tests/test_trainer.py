@@ -1,6 +1,5 @@
 """The distillation trainer on tiny EDM teachers (8x8 SongUNets) and the 8x8 digits data, CPU only."""
 
-import importlib.util
 import json
 import math
 
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from sida_diffusers.networks.precond import EDMPrecond
-from sida_diffusers.training import HalfLifeEMA, SiDATrainer, TrainConfig, load_presets, make_config, parse_args
+from sida_diffusers.training import HalfLifeEMA, SiDATrainer, Stage, TrainConfig, load_presets, make_config, parse_args
 from sida_diffusers.training.data import build_dataset
 
 
@@ -66,7 +65,7 @@ def test_every_preset_builds_a_config_for_every_method():
             # SiD²A starts from a published SiD generator; digits has none (pass a digits SiD run's pipeline/unet)
             assert (cfg.generator_init is not None) == (method == "sid2a" and name != "digits")
     edm2_s = make_config(preset="edm2-s")
-    assert (edm2_s.force_normalization, edm2_s.use_logvar, edm2_s.lsd, edm2_s.P_mean) == (False, False, 100, -0.4)
+    assert (edm2_s.force_normalization, edm2_s.use_logvar, edm2_s.discriminator_loss_scale, edm2_s.P_mean) == (False, False, 100, -0.4)
 
 
 def test_unknown_preset_lists_the_known_ones():
@@ -113,9 +112,10 @@ def test_bad_input_raises_before_training_with_the_fix(tmp_path, request, overri
     assert not (tmp_path / "run").exists()
 
 
-def test_a_tracker_that_is_not_installed_is_refused(tmp_path):
-    if importlib.util.find_spec("wandb") is not None:
-        pytest.skip("wandb is installed here")
+def test_a_tracker_that_is_not_installed_is_refused(tmp_path, monkeypatch):
+    from sida_diffusers.training import validation
+
+    monkeypatch.setattr(validation, "installed", lambda module: module != "wandb")
     with pytest.raises(ValueError, match="pip install wandb"):
         SiDATrainer(tiny_config(tmp_path, report_to="wandb"), teacher=tiny_teacher())
 
@@ -137,7 +137,7 @@ def test_generator_is_held_during_warm_up_and_the_adversarial_term_starts_after_
     for _ in range(4):  # cur_nimg 0, 8 (warm-up), 16 (SiD stage), 24 (SiDA stage)
         before = params(g)
         info = trainer.step()
-        history.append((trainer.cur_nimg - 8, info["step_generator"], info["use_adversarial"],
+        history.append((trainer.cur_nimg - 8, info.step_generator, info.adversarial,
                         not torch.equal(before, params(g))))
     assert history == [(0, False, False, False), (8, False, False, False), (16, True, False, False),
                        (24, True, True, True)]
@@ -185,8 +185,8 @@ def test_end_to_end_sida_with_augmentation_and_evaluation_on_digits(tmp_path, di
     assert all(math.isfinite(s[k]) for s in stats for k in ("fake_score_loss", "d_loss", "g_loss", "g_gan_loss"))
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["checkpoint-000000032"]  # limit 1 pruned 16
     ckpt = run / "checkpoints" / "checkpoint-000000032"
-    assert {p.name for p in ckpt.iterdir()} == {"generator", "generator_ema", "fake_score", "training_state.pt",
-                                                "run_info.json"}
+    assert {p.name for p in ckpt.iterdir()} == {"generator", "generator_ema", "fake_score", "training_state.json",
+                                                "training_state.safetensors", "run_info.json"}
     info = json.loads((ckpt / "run_info.json").read_text())
     assert (info["method"], info["cur_nimg"], info["total_batch_size"], info["label_dim"]) == ("sida", 32, 8, 10)
     assert (run / "samples" / "fakes_000000.png").is_file() and (run / "loss_curves.png").is_file()
@@ -223,8 +223,8 @@ def test_edm2_sida_step_trains_the_logvar_head_and_the_generator_has_none(tmp_pa
     fake, gen = trainer.unwrap(trainer.fake_score), trainer.unwrap(trainer.generator)
     assert fake.has_logvar and not gen.has_logvar and not trainer.generator_ema.has_logvar
     head, g_before = params(fake.logvar_linear), params(gen)
-    assert trainer.step() == {"step_generator": False, "use_adversarial": False}  # cur_nimg 0 is never > 0
-    assert trainer.step() == {"step_generator": True, "use_adversarial": True}
+    assert trainer.step() == Stage(step_generator=False, adversarial=False)  # cur_nimg 0 is never > 0
+    assert trainer.step() == Stage(step_generator=True, adversarial=True)
     assert not torch.equal(head, params(fake.logvar_linear)) and not torch.equal(g_before, params(gen))
     assert all(torch.isfinite(v) for v in trainer.last_losses.values())
 
@@ -244,7 +244,7 @@ def test_data_free_sid_with_bf16_autocast_and_channels_last(tmp_path):
     trainer = SiDATrainer(cfg, teacher=tiny_teacher())
     g = trainer.unwrap(trainer.generator)
     before = params(g)
-    assert trainer.step() == {"step_generator": True, "use_adversarial": False}  # plain SiD has no stages
+    assert trainer.step() == Stage(step_generator=True, adversarial=False)  # plain SiD is always stage 2
     assert not torch.equal(before, params(g))
     assert set(trainer.last_losses) == {"fake_score_loss", "g_loss"}
     assert all(torch.isfinite(v) for v in trainer.last_losses.values())

@@ -1,7 +1,8 @@
 """Every hyper-parameter of a distillation run (`TrainConfig`), the per-experiment presets and the command line.
 
 Precedence: dataclass defaults < preset (`presets.json`) < the preset's `by_method[method]` entry < flags given on the
-command line. Without `--preset` and without `--teacher`, the offline `digits` preset applies.
+command line. Without `--preset` and without `--teacher`, the offline `digits` preset applies. The precision also
+listens to Accelerate (`resolve_mixed_precision`).
 """
 
 from __future__ import annotations
@@ -9,9 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
+
+from sida_diffusers.schedule import INIT_SIGMA
 
 PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
 METHODS = ("sid", "sida", "sid2a")
@@ -43,13 +48,15 @@ class TrainConfig:
     # the method (ALGORITHM.md §4, §5)
     alpha: float = _f(1.0, "SiD alpha (§4.3)")
     tmax: float = _f(800, "generator losses use t ~ U(0, tmax/1000) on the Karras schedule (§4.3)")
-    init_sigma: float = _f(2.5, "noise level of the one-step generator's input (§2)")
+    init_sigma: float = _f(INIT_SIGMA, "noise level of the one-step generator's input (§2)")
     P_mean: float = _f(-1.2, "lognormal sigma of the fake-score / D losses: mean of log sigma (§4.1)")
     P_std: float = _f(1.2, "lognormal sigma of the fake-score / D losses: std of log sigma (§4.1)")
-    ls: float = _f(1.0, "fixed multiplier of the fake-score loss (§4.5)")
-    lsd: float = _f(1.0, "fixed multiplier of the discriminator loss (§4.5)")
-    lsg: float = _f(100.0, "fixed multiplier of the SiD generator loss (§4.5)")
-    lsg_gan: float = _f(0.01, "fixed multiplier of the adversarial generator loss (§4.5)")
+    # The paper's names of the four fixed loss multipliers (ls, lsd, lsg, lsg_gan) are their command-line flags.
+    fake_score_loss_scale: float = _f(1.0, "fixed multiplier of the fake-score loss (§4.5)", flag="ls")
+    discriminator_loss_scale: float = _f(1.0, "fixed multiplier of the discriminator loss (§4.5)", flag="lsd")
+    sid_loss_scale: float = _f(100.0, "fixed multiplier of the SiD generator loss (§4.5)", flag="lsg")
+    adversarial_loss_scale: float = _f(0.01, "fixed multiplier of the adversarial generator loss (§4.5)",
+                                       flag="lsg_gan")
     warmup_kimg: float = _f(100, "sida/sid2a: G is not stepped while cur_nimg <= this (§5.2)")
     adversarial_start_kimg: float = _f(200, "sida/sid2a: the adversarial G term is on once cur_nimg > this (§5.2)")
     augment_p: float = _f(0.0, "EDM augmentation probability on fake and real images in the D step (§5.7); "
@@ -67,9 +74,12 @@ class TrainConfig:
     ema_halflife_kimg: float = _f(500, "EMA half-life of the generator in kimg (§5.6)")
     ema_rampup_ratio: Optional[float] = _f(0.05, "EMA ramp-up: half-life <= ratio * cur_nimg (§5.6)")
     # batch and precision
-    train_batch_size: int = _f(32, "micro-batch per process per accumulation round (B)")
+    train_batch_size: int = _f(32, "micro-batch per process per accumulation round (B, the paper's per-GPU batch: it "
+                                   "is part of SiDA's objective)")
     total_batch_size: Optional[int] = _f(None, "global batch per iteration (default B x processes)")
-    mixed_precision: str = _f("no", "no: float32 everywhere (the official CIFAR-10 numerics); fp16: the UNets run in "
+    mixed_precision: str = _f("no", "default: Accelerate's setting (`accelerate launch --mixed_precision` or "
+                                    "`accelerate config`), else the preset's, else no. no: float32 everywhere (the "
+                                    "official CIFAR-10 numerics); fp16: the UNets run in "
                                     "float16 through the networks' own use_fp16 path, fp32 master weights (the "
                                     "official ImageNet/EDM2 numerics); bf16: autocasts every network call to "
                                     "bfloat16 (losses, preconditioning, attention softmax and Adam stay fp32): "
@@ -138,32 +148,83 @@ def preset_values(name: str, method: Optional[str] = None) -> dict:
     return {**values, **by_method.get(method, {}), "method": method}
 
 
+# Flags of the Diffusers training examples that count steps; here length and batching are counted in images, as in
+# the paper, so each is refused with its equivalent rather than silently reinterpreted.
+DIFFUSERS_FLAGS = {
+    "learning_rate": "SiD/SiDA trains two networks: pass --lr (fake score / discriminator) and --glr (generator)",
+    "gradient_accumulation_steps": "pass --total_batch_size; accumulation rounds = total_batch_size / "
+                                   "(train_batch_size x processes)",
+    "max_train_steps": "training length is counted in images: pass --max_train_kimg (= steps x total_batch_size / "
+                       "1000)",
+    "checkpointing_steps": "pass --checkpointing_kimg (= steps x total_batch_size / 1000)",
+}
+ACCELERATE_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def field_names() -> dict:
+    """Every accepted name -> TrainConfig field: the field names and the paper's flags (`lsg` -> `sid_loss_scale`)."""
+    names = {f.name: f.name for f in dataclasses.fields(TrainConfig)}
+    names.update({f.metadata["flag"]: f.name for f in dataclasses.fields(TrainConfig) if "flag" in f.metadata})
+    return names
+
+
+def resolve_mixed_precision(explicit: Optional[str], fallback: str, accelerate_value: Optional[str]) -> str:
+    """The run's precision: the train flag if given, else Accelerate's launch setting (`accelerate launch
+    --mixed_precision`, `accelerate config`), else the preset's or default `fallback`.
+
+    `accelerate launch` always exports a value and writes "no" when nothing was chosen, so "no" from Accelerate
+    counts as no choice; a train flag that disagrees with a real Accelerate choice is an error."""
+    accelerate_value = None if accelerate_value in (None, "", "no") else accelerate_value
+    if accelerate_value is not None and accelerate_value not in ("fp16", "bf16"):
+        raise ValueError(f"Accelerate's mixed precision is {accelerate_value!r}, which the trainer does not support; "
+                         "launch with --mixed_precision no, fp16 or bf16.")
+    if explicit is not None and accelerate_value is not None and explicit != accelerate_value:
+        raise ValueError(f"--mixed_precision {explicit} disagrees with Accelerate's mixed precision "
+                         f"{accelerate_value!r} (accelerate launch / accelerate config); give one of them, or the "
+                         "same value to both.")
+    return explicit or accelerate_value or fallback
+
+
 def make_config(preset: Optional[str] = None, **overrides) -> TrainConfig:
     """A `TrainConfig` from a preset plus explicit values (the programmatic twin of `parse_args`).
 
-    Without a preset and without a teacher, the offline `digits` preset is used.
+    Without a preset and without a teacher, the offline `digits` preset is used. Keys may be field names or the
+    paper's flags (`lsg`, `lsd`, ...). The precision follows `resolve_mixed_precision`.
     """
-    if preset is None and overrides.get("teacher") is None:
-        preset = DEFAULT_PRESET
-    values = preset_values(preset, overrides.get("method")) if preset else {}
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
+    names = field_names()
+    refused = sorted(set(overrides) & set(DIFFUSERS_FLAGS))
+    if refused:
+        raise ValueError(f"--{refused[0]} is not a flag of the SiD/SiDA trainer: {DIFFUSERS_FLAGS[refused[0]]}.")
+    unknown = sorted(set(overrides) - set(names))
     if unknown:
         raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields are the command-line flags: "
-                         f"{', '.join(sorted(known))}.")
+                         f"{', '.join(sorted(names))}.")
+    overrides = {names[k]: v for k, v in overrides.items()}
+    if preset is None and overrides.get("teacher") is None:
+        preset = DEFAULT_PRESET
+    values = {names.get(k, k): v for k, v in (preset_values(preset, overrides.get("method")) if preset else {}).items()}
+    unknown = sorted(set(values) - set(names.values()))
+    if unknown:
+        raise ValueError(f"preset {preset!r} sets unknown field(s) {unknown}; fix presets.json.")
+    explicit_precision = overrides.pop("mixed_precision", None)
+    values.update(overrides)
+    values["mixed_precision"] = resolve_mixed_precision(explicit_precision,
+                                                        values.get("mixed_precision", TrainConfig.mixed_precision),
+                                                        os.environ.get(ACCELERATE_PRECISION_ENV))
     return TrainConfig(**{**values, "preset": preset})
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: one flag per `TrainConfig` field. Defaults are suppressed so that presets can tell which
-    flags were given explicitly."""
-    parser = argparse.ArgumentParser(description="One-step distillation of an EDM/EDM2 teacher with SiD, SiDA or "
-                                                 "SiD²A.", argument_default=argparse.SUPPRESS)
+    """The command line: one flag per `TrainConfig` field (the paper's name where it has one, e.g. --lsg, with the
+    field name as an alias). Defaults are suppressed so that presets can tell which flags were given explicitly."""
+    parser = argparse.ArgumentParser(
+        description="One-step distillation of an EDM/EDM2 teacher with SiD, SiDA or SiD²A. Flags are written with "
+                    "underscores, as in the Diffusers training examples; hyphens work too (--train-batch-size).",
+        argument_default=argparse.SUPPRESS)
     for f in dataclasses.fields(TrainConfig):
         kind = str(f.type).replace("Optional[", "").rstrip("]")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kw = dict(help=f"{f.metadata['help']} (default: {default})")
+        kw = dict(help=f"{f.metadata['help']} (default: {default})", dest=f.name)
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif kind == "list":
@@ -172,10 +233,27 @@ def build_parser() -> argparse.ArgumentParser:
             kw["type"] = {"int": int, "float": float, "str": str}[kind]
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
-        parser.add_argument(f"--{f.name}", **kw)
+        flags = [f"--{f.metadata['flag']}", f"--{f.name}"] if "flag" in f.metadata else [f"--{f.name}"]
+        parser.add_argument(*flags, **kw)
     return parser
 
 
+def _normalize_flag(arg: str) -> str:
+    """``--train-batch-size=8`` -> ``--train_batch_size=8``, ``--no-allow-tf32`` -> ``--no-allow_tf32`` (the
+    negation prefix of boolean flags keeps its hyphen; values are untouched)."""
+    if not arg.startswith("--"):
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    prefix, name = ("no-", name[3:]) if name.startswith("no-") else ("", name)
+    return "--" + prefix + name.replace("-", "_") + sep + value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Parse command-line flags (default: sys.argv) into a `TrainConfig`, presets applied."""
+    """Parse command-line flags (default: sys.argv) into a `TrainConfig`, presets applied. A Diffusers-example flag
+    that has no meaning here (--learning_rate, --max_train_steps, ...) raises ValueError naming our equivalent."""
+    argv = [_normalize_flag(a) for a in (sys.argv[1:] if argv is None else argv)]
+    for arg in argv:
+        name = arg[2:].partition("=")[0] if arg.startswith("--") else None
+        if name in DIFFUSERS_FLAGS:
+            raise ValueError(f"--{name} is not a flag of the SiD/SiDA trainer: {DIFFUSERS_FLAGS[name]}.")
     return make_config(**vars(build_parser().parse_args(argv)))

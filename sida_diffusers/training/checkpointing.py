@@ -1,0 +1,275 @@
+"""Checkpoint folders: atomic writes, pruning, exact resume, and a training state that is never unpickled.
+
+A checkpoint is ``OUTPUT_DIR/checkpoints/checkpoint-{cur_nimg:09d}/`` holding the three networks as Diffusers model
+folders plus the training state (optimizers, EMA bookkeeping, RNG states and data position of every rank, best
+metric, config). That state is written as ``training_state.json`` (the structure, plain JSON) and
+``training_state.safetensors`` (every tensor and array it references), so resuming a run parses JSON and safetensors
+only: a checkpoint folder from elsewhere cannot run code, and what it may allocate is bounded by its file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_JSON = "training_state.json"
+STATE_TENSORS = "training_state.safetensors"
+LEGACY_STATE = "training_state.pt"
+MAX_STATE_JSON_BYTES = 64 << 20  # the structure of a training state is kilobytes; anything near this is not one
+MAX_STATE_DEPTH = 32             # nesting of the JSON structure we write is at most 6
+
+
+# ---- folders ----------------------------------------------------------------------------------------------------------
+
+def list_checkpoints(output_dir) -> list[Path]:
+    """Finished checkpoints of a run, oldest first (temporary folders of an interrupted save are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_JSON).is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_checkpoint(spec: str, output_dir) -> Optional[Path]:
+    """`--resume_from_checkpoint`: 'latest' (None when the run has none yet) or an explicit checkpoint folder."""
+    if spec == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(spec)
+    if (path / LEGACY_STATE).is_file() and not (path / STATE_JSON).is_file():
+        raise ValueError(f"{path} holds a pickled {LEGACY_STATE} from an earlier sida_diffusers, which is never "
+                         "unpickled; start a new run from its networks instead (e.g. --generator_init "
+                         f"{path / 'generator_ema'} for SiD²A).")
+    if not (path / STATE_JSON).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE_JSON}); pass 'latest' or a "
+                                f"{CHECKPOINT_PREFIX}NNNNNNNNN folder under OUTPUT_DIR/checkpoints.")
+    return path
+
+
+def checkpoint_path(output_dir, cur_nimg: int) -> Path:
+    return Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{cur_nimg:09d}"
+
+
+def write_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Let `write` fill a temporary sibling folder, then move it to `final` in one rename: an interrupted save leaves
+    the previous checkpoints as they were and at worst a ``.tmp-*`` folder that nothing reads."""
+    tmp = final.parent / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def prune_checkpoints(output_dir, limit: Optional[int]) -> None:
+    """Keep the newest `limit` checkpoints (all when None)."""
+    if limit is None:
+        return
+    for old in list_checkpoints(output_dir)[:-limit] if limit > 0 else list_checkpoints(output_dir):
+        shutil.rmtree(old)
+
+
+# ---- RNG ------------------------------------------------------------------------------------------------------------
+
+def rng_state() -> dict:
+    """Every RNG the training step draws from (torch CPU and CUDA, numpy, Python)."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached)))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- the training state as JSON + safetensors --------------------------------------------------------------------------
+
+def _pack(obj, tensors: dict, path: str):
+    """JSON-able form of `obj`; tensors and arrays go to `tensors` under their path and are referenced by it."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        # stored as int64/float64 (safetensors has no uint32, which numpy's RNG state uses), restored to `dtype`
+        wide = np.int64 if np.issubdtype(obj.dtype, np.integer) else np.float64
+        tensors[path] = torch.from_numpy(np.ascontiguousarray(obj, dtype=wide))
+        return {"__ndarray__": path, "dtype": obj.dtype.str}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        items = [[k, _pack(v, tensors, f"{path}/{k}")] for k, v in obj.items()]
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return dict(items)
+        if not all(isinstance(k, (str, int)) for k in obj):
+            raise TypeError(f"training state key at {path} must be str or int, got {[type(k) for k in obj]}")
+        return {"__dict__": items}
+    if isinstance(obj, (list, tuple)):
+        packed = [_pack(v, tensors, f"{path}/{i}") for i, v in enumerate(obj)]
+        return {"__tuple__": packed} if isinstance(obj, tuple) else packed
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"training state value at {path} of type {type(obj).__name__} cannot be stored")
+
+
+def _unpack(obj, tensors: dict, where: str, depth: int = 0):
+    if depth > MAX_STATE_DEPTH:
+        raise ValueError(f"{where}: the training state is nested deeper than {MAX_STATE_DEPTH} levels; it was not "
+                         "written by sida_diffusers.")
+    if isinstance(obj, list):
+        return [_unpack(v, tensors, where, depth + 1) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    for tag in ("__tensor__", "__ndarray__"):
+        if tag in obj:
+            key = obj[tag]
+            if not isinstance(key, str) or key not in tensors:
+                raise ValueError(f"{where}: the state refers to tensor {key!r}, which {STATE_TENSORS} does not hold.")
+            if tag == "__tensor__":
+                return tensors[key]
+            try:
+                return tensors[key].numpy().astype(np.dtype(str(obj.get("dtype"))))
+            except TypeError as error:
+                raise ValueError(f"{where}: unknown array dtype {obj.get('dtype')!r} ({error}).") from None
+    if "__tuple__" in obj:
+        return tuple(_unpack(obj["__tuple__"], tensors, where, depth + 1))
+    if "__dict__" in obj:
+        items = obj["__dict__"]
+        if not isinstance(items, list) or not all(isinstance(i, list) and len(i) == 2 for i in items):
+            raise ValueError(f"{where}: malformed mapping in the training state.")
+        return {k: _unpack(v, tensors, where, depth + 1) for k, v in items}
+    return {k: _unpack(v, tensors, where, depth + 1) for k, v in obj.items()}
+
+
+def save_state(folder: Path, state: dict) -> None:
+    """Write `state` (nested dicts, lists, tuples, numbers, strings, tensors, numpy arrays) into `folder`."""
+    tensors: dict = {}
+    skeleton = _pack(state, tensors, "state")
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps(skeleton))
+
+
+def load_state(folder: Path) -> dict:
+    """Read what `save_state` wrote, parsing JSON and safetensors only; a damaged or foreign state raises ValueError
+    naming the file."""
+    folder = Path(folder)
+    json_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
+    for path in (json_path, tensor_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the checkpoint {folder} is incomplete, resume from another one.")
+    if json_path.stat().st_size > MAX_STATE_JSON_BYTES:
+        raise ValueError(f"{json_path} is {json_path.stat().st_size:,} bytes, far more than a training state; it was "
+                         "not written by sida_diffusers.")
+    try:
+        skeleton = json.loads(json_path.read_text())
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{json_path} is not a valid training state ({type(error).__name__}: {error}); the "
+                         "checkpoint is damaged, resume from another one.") from None
+    try:
+        tensors = load_file(str(tensor_path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{tensor_path} is not a valid safetensors file ({error}); the checkpoint is damaged, "
+                         "resume from another one.") from None
+    state = _unpack(skeleton, tensors, str(json_path))
+    if not isinstance(state, dict):
+        raise ValueError(f"{json_path} does not hold a training state (a JSON object).")
+    return state
+
+
+# ---- resume -----------------------------------------------------------------------------------------------------------
+
+def read_model_weights(folder: Path) -> dict:
+    """The tensors of a Diffusers model folder written by `save_pretrained` (one safetensors file, or shards listed
+    in its index), read without building anything from the folder's config."""
+    single = folder / "diffusion_pytorch_model.safetensors"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    try:
+        if single.is_file():
+            return load_file(str(single))
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            if any(Path(name).name != name for name in shards):
+                raise ValueError(f"{index} names shards outside its folder")
+            return {k: v for name in shards for k, v in load_file(str(folder / name)).items()}
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{folder}: unreadable network weights ({error}); the checkpoint is damaged, resume from "
+                         "another one.") from None
+    raise FileNotFoundError(f"{folder} holds no diffusion_pytorch_model.safetensors; the checkpoint is incomplete.")
+
+
+def _check_shapes(where: str, expected: dict, found: dict) -> None:
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [k for k in set(expected) & set(found) if tuple(found[k].shape) != tuple(expected[k].shape)]
+    if missing or extra or wrong:
+        detail = "; ".join(f"{label}: {names[:5]}" for label, names in
+                           (("missing", missing), ("unexpected", extra), ("wrong shape", sorted(wrong))) if names)
+        raise ValueError(f"{where} does not fit this run's networks ({detail}); resume with the same teacher and "
+                         "settings that wrote it, or start a new run.")
+
+
+def save_checkpoint(output_dir, cur_nimg: int, networks: dict, state: dict, run_info: dict,
+                    limit: Optional[int]) -> Path:
+    """Write ``checkpoint-{cur_nimg:09d}`` atomically: each network as a Diffusers folder, the training state, the
+    run_info; then keep the newest `limit` checkpoints."""
+    def write(folder: Path) -> None:
+        for name, net in networks.items():
+            net.save_pretrained(folder / name, safe_serialization=True)
+        save_state(folder, state)
+        (folder / "run_info.json").write_text(json.dumps(run_info, indent=2, default=str))
+
+    final = write_atomically(checkpoint_path(output_dir, cur_nimg), write)
+    prune_checkpoints(output_dir, limit)
+    return final
+
+
+def load_checkpoint(path: Path, networks: dict, optimizers: dict, ema) -> dict:
+    """Load checkpoint `path` into this run's networks, optimizers and EMA after checking every tensor's shape
+    against them; returns the training state (cur_nimg, seed, per-rank RNG and data positions, best metric)."""
+    state = load_state(path)
+    for key in ("cur_nimg", "seed", "num_processes", "rng", "data", "best", "ema", *optimizers):
+        if key not in state:
+            raise ValueError(f"{path / STATE_JSON} lacks {key!r}; it was not written by this version of "
+                             "sida_diffusers, or is damaged.")
+    for name, net in networks.items():
+        weights = read_model_weights(path / name)
+        _check_shapes(str(path / name), net.state_dict(), weights)
+        net.load_state_dict(weights)
+    for name, optimizer in optimizers.items():
+        saved = state[name]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        try:
+            per_param = {int(k): v for k, v in saved["state"].items()}
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError(f"{path / STATE_JSON}: {name} is not an optimizer state.") from None
+        for index, slots in per_param.items():
+            if not 0 <= index < len(params) or not isinstance(slots, dict):
+                raise ValueError(f"{path / STATE_JSON}: {name} has state for parameter {index} of {len(params)}.")
+            for slot in ("exp_avg", "exp_avg_sq"):
+                value = slots.get(slot)
+                if not torch.is_tensor(value) or tuple(value.shape) != tuple(params[index].shape):
+                    raise ValueError(f"{path / STATE_JSON}: {name} {slot} of parameter {index} does not match its "
+                                     f"shape {list(params[index].shape)}; resume with the settings that wrote it.")
+        optimizer.load_state_dict(saved)
+    ema.load_state_dict(state["ema"])
+    return state

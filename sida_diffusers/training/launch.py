@@ -1,0 +1,59 @@
+"""The process layout and numerics of a run: the Accelerator, the shared run seed, CUDA math settings.
+
+Multi-GPU and multi-node are Accelerate's job; this module only makes sure that what the launcher started is what
+Accelerate sees, so that two processes never run as two independent trainings writing one output folder.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
+
+from sida_diffusers.training.config import TrainConfig
+
+
+def launcher_world_size() -> int:
+    """Processes the launcher started (torchrun / accelerate launch set WORLD_SIZE), 1 without a launcher."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def make_accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator; several launched processes on a machine without a GPU use the CPU process group (gloo),
+    as `--cpu` does. Raises before anything is written if Accelerate still sees another number of processes."""
+    output_dir = Path(cfg.output_dir)
+    world = launcher_world_size()
+    cpu = cfg.cpu or (world > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision="no",  # precision is handled by the networks themselves (ALGORITHM.md §1.4)
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)])
+    if accelerator.num_processes != world:
+        raise ValueError(f"the launcher started {world} processes but Accelerate runs {accelerator.num_processes}; "
+                         "they would train independently into one output folder. Launch CPU runs with `torchrun "
+                         "--nproc_per_node N examples/train_sida.py --cpu`, GPU runs with `accelerate launch`.")
+    return accelerator
+
+
+def run_seed(seed: Optional[int], num_processes: int) -> int:
+    """The run seed: `seed`, or a random one drawn on the main process and shared with every process."""
+    value = [seed if seed is not None else random.randrange(1 << 31)]
+    if num_processes > 1:
+        broadcast_object_list(value, from_process=0)
+    return int(value[0])
+
+
+def set_device_numerics(device: torch.device, allow_tf32: bool) -> None:
+    """CUDA: TF32 only when asked (IEEE fp32 otherwise, as the official runs), cuDNN autotuning on (§1.4)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
+        torch.backends.cudnn.benchmark = True

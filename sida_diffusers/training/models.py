@@ -1,0 +1,78 @@
+"""The networks of a run: loading the teacher (and SiD²A's generator), deriving the trainable fake score and generator
+from them, their optimizers, and their compilation.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+
+from sida_diffusers.networks.base import Denoiser
+from sida_diffusers.training.config import TrainConfig
+
+
+def load_network(source: str) -> Denoiser:
+    """A `--teacher` / `--generator_init` source: 'digits' / 'digits-uncond' (the shipped teachers, offline) or anything
+    `load_denoiser` reads (official .pkl, URL, known name, Diffusers folder, Hub repo)."""
+    if source in ("digits", "digits-uncond"):
+        from sida_diffusers.digits import digits_teacher_path
+
+        source = digits_teacher_path(conditional=source == "digits")
+    from sida_diffusers.checkpoints import load_denoiser
+
+    return load_denoiser(source, dtype=torch.float32)
+
+
+def derive_network(source: Denoiser, dropout: Optional[float] = None, logvar: Optional[bool] = None) -> Denoiser:
+    """A trainable copy of `source` (ALGORITHM.md §2): same class, config and weights, optionally with another dropout
+    and, for EDM2, with or without the logvar head (missing head weights keep their initialisation)."""
+    own_config = {k: v for k, v in source.config.items() if not k.startswith("_")}
+    config = dict(own_config)
+    if dropout is not None:
+        if "model_kwargs" in config:  # EDM family: the UNet keywords hold the dropout
+            config["model_kwargs"] = {**(config["model_kwargs"] or {}), "dropout": dropout}
+        else:
+            config["dropout"] = dropout
+    if logvar is not None and "logvar_channels" in config:
+        config["logvar_channels"] = (config["logvar_channels"] or 128) if logvar else 0
+    if config == own_config:
+        return copy.deepcopy(source).train().requires_grad_(True)
+    net = type(source).from_config(config)
+    own = net.state_dict()
+    net.load_state_dict({k: v for k, v in source.state_dict().items() if k in own}, strict=False)
+    return net.train().requires_grad_(True)
+
+
+def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]) -> tuple[Denoiser, Denoiser]:
+    """``(fake_score, generator)``: the fake score always starts from the teacher, the generator from the teacher or
+    SiD²A's SiD generator (ALGORITHM.md §2, §10 item 14); EDM2 generators have no logvar head (§1.3)."""
+    is_edm2 = type(teacher).__name__ == "EDM2Precond"
+    fake = derive_network(teacher, cfg.dropout, logvar=cfg.use_logvar if is_edm2 else None)
+    gen = derive_network(init if init is not None else teacher, cfg.dropout, logvar=False if is_edm2 else None)
+    for net in (fake, gen, teacher):
+        net.register_to_config(use_fp16=cfg.mixed_precision == "fp16")
+    return fake, gen
+
+
+def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: torch.device):
+    """Adam with beta1 = 0 for the fake score and `g_beta1` for the generator, eps by precision (ALGORITHM.md §5.5)."""
+    eps = 1e-6 if cfg.mixed_precision == "fp16" else 1e-8
+    fused = cfg.adam_fused if cfg.adam_fused is not None else device.type == "cuda"
+    adam = dict(eps=eps, fused=fused, foreach=not fused)
+    return (torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
+            torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
+
+
+def compile_networks(networks, backend: str) -> None:
+    """`torch.compile` each network in place, with room for every (network, phase) graph of one iteration.
+
+    All compiled modules share `Module._call_impl`'s cache: the fake score holds 3 graphs (D step on fakes and reals,
+    frozen in the G step), G 2 (no_grad sample, G step), the teacher 1. Past the limit Dynamo would silently run eager.
+    """
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
+    for net in networks:
+        net.compile(backend=backend)

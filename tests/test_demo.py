@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from sida_diffusers.pipelines import SiDAPipeline
-from sida_diffusers.training import main
+from sida_diffusers.cli.train import main
 from sida_diffusers.training.config import make_config
 from sida_diffusers.training.summary import format_summary
 
@@ -59,3 +59,19 @@ def test_printed_report_names_fd_digits_never_fid(demo_run):
     report = format_summary(json.loads((out / "summary.json").read_text()))
     assert "FD-digits     student, 1 step" in report and "teacher, Heun 35 NFE" in report
     assert "FID" not in report and str(out / "pipeline") in report
+
+
+def test_sida_eval_reproduces_the_in_training_figure_of_the_exported_pipeline(demo_run, capsys):
+    # One generation path and one label convention: the exported pipeline evaluated by sida-eval on the same seeds,
+    # with the digits reference and labels it defaults to, gives the trainer's last FD-digits, at another batch size.
+    from sida_diffusers.cli.evaluate import main as sida_eval
+
+    out, pipeline_dir = demo_run
+    capsys.readouterr()
+    sida_eval([str(pipeline_dir), "--metrics", "fd_digits", "--num-samples", "120", "--repeats", "1",
+               "--batch-size", "7", "--out", str(out / "eval.json")])
+    printed = capsys.readouterr().out
+    assert "drawn per seed from 1797 dataset labels" in printed
+    result = json.loads((out / "eval.json").read_text())["results"]["fd_digits_120"]["mean"]
+    trained = json.loads((out / "summary.json").read_text())["fd_digits_student"]
+    assert result == pytest.approx(trained, abs=1e-3)

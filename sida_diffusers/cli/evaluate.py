@@ -2,8 +2,11 @@
 
 Each run draws `--num-samples` fresh images, image i of run r from seed `seeds_start + r*num_samples + i` (so images
 match `sida-sample` for the same seeds); `--repeats 10` runs give the reported mean ± std. Conditional models get
-labels drawn from the dataset's label list (`--labels`, else the reference's stored labels) at a per-seed random
-index, or, with neither, uniformly from each seed's generator. Everything is validated before the first image.
+labels drawn from the dataset's label list (`--labels`, else the reference's stored labels) at a random index drawn
+from each seed's own generator after its noise, or, with neither, uniformly from it: the convention of the trainer's
+in-training evaluation, so the same pipeline, seeds and reference give the same figure. Pipelines distilled on the
+embedded digits default (their run_info.json says so) default to the digits set's FD-digits reference and labels, as
+the trainer does. Everything is validated before the first image.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 import torch
 
 from sida_diffusers.digits import register_digits_metric
-from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats
+from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
 
 
 def load_label_pool(path: str | Path) -> np.ndarray:
@@ -44,25 +47,13 @@ def load_label_pool(path: str | Path) -> np.ndarray:
     return labels
 
 
-def make_sample_fn_factory(pipe, label_pool, device, steps=None):
-    """``make_sample_fn(first_seed)`` for ``evaluate_repeats``: sample i uses seed ``first_seed + i``, its label
-    (if any) is ``label_pool[RandomState(seed).randint(len)]``."""
-    extra = {} if steps is None else {"num_inference_steps": steps}
-
-    def make_sample_fn(first_seed):
-        from sida_diffusers.pipelines import seed_generators
-
-        def sample_fn(start, count):
-            seeds = range(first_seed + start, first_seed + start + count)
-            labels = None if label_pool is None else [
-                int(label_pool[np.random.RandomState(s % (1 << 32)).randint(len(label_pool))]) for s in seeds]
-            images = pipe(batch_size=count, class_labels=labels, generator=seed_generators(seeds, device),
-                          output_type="np", **extra).images
-            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-
-        return sample_fn
-
-    return make_sample_fn
+def trained_on_digits(src: str) -> bool:
+    """True for a pipeline folder exported from a run on the embedded digits data (its run_info.json says so)."""
+    info = Path(src) / "run_info.json"
+    try:
+        return info.is_file() and json.loads(info.read_text()).get("dataset") == "digits"
+    except (ValueError, OSError):
+        return False
 
 
 def image_shape(pipe) -> tuple:
@@ -112,14 +103,24 @@ def main(argv=None) -> int:
     try:
         pipe = load_pipeline(args.pipeline, args.device)
         unet = pipe.unet
-        suite = MetricSuite(args.metrics, args.ref, num_samples=args.num_samples, batch_size=args.batch_size,
-                            device=args.device, inception=args.inception, inception_mode=args.inception_mode,
-                            dinov2=args.dinov2, image_shape=image_shape(pipe))
+        options = dict(batch_size=args.batch_size, device=args.device, inception=args.inception,
+                       inception_mode=args.inception_mode, dinov2=args.dinov2, image_shape=image_shape(pipe))
+        reference, digits_labels = args.ref, None
+        if trained_on_digits(args.pipeline):  # the digits set's reference and labels, built as the trainer does
+            from sida_diffusers.training.data import build_dataset
+            from sida_diffusers.training.outputs import data_reference
+
+            digits = build_dataset("digits", use_labels=True)
+            digits_labels = digits.labels
+            if reference is None:
+                reference = data_reference(MetricSuite(args.metrics, **options), digits, "digits")
+        suite = MetricSuite(args.metrics, reference, num_samples=args.num_samples, **options)
         suite.validate()
         label_pool = None
         if unet.label_dim:
             ref = suite.loaded_reference
-            label_pool = load_label_pool(args.labels) if args.labels else (ref.labels if ref else None)
+            label_pool = (load_label_pool(args.labels) if args.labels else digits_labels if digits_labels is not None
+                          else ref.labels if ref else None)
             if label_pool is not None and (label_pool.min() < 0 or label_pool.max() >= unet.label_dim):
                 raise ValueError(f"dataset labels span {label_pool.min()}..{label_pool.max()} but the model has "
                                  f"label_dim={unet.label_dim}; pass the labels of the dataset it was trained on.")
@@ -127,10 +128,11 @@ def main(argv=None) -> int:
         parser.exit(2, f"sida-eval: error: {error}\n")
     pipe.set_progress_bar_config(disable=True)
     if unet.label_dim:
-        print("labels: " + (f"drawn from {len(label_pool)} dataset labels" if label_pool is not None
+        print("labels: " + (f"drawn per seed from {len(label_pool)} dataset labels" if label_pool is not None
                             else "uniform over classes (no --labels and the reference stores none)"))
 
-    results = evaluate_repeats(suite, make_sample_fn_factory(pipe, label_pool, args.device, args.steps),
+    extra = {} if args.steps is None else {"num_inference_steps": args.steps}
+    results = evaluate_repeats(suite, lambda first: pipeline_sample_fn(pipe, first, label_pool, **extra),
                                repeats=args.repeats, seeds_start=args.seeds_start)
     print(format_table(results))
     if args.out:

@@ -13,6 +13,16 @@ FIXTURES_MISSING = (f"parity fixtures not found at {FIXTURES_DIR} (they live in 
 requires_fixtures = pytest.mark.skipif(not (FIXTURES_DIR / "README.md").exists(), reason=FIXTURES_MISSING)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The suite runs single-threaded: its tiny networks gain nothing from threads, the 2-core CI machine stays free
+    for the subprocesses some tests start, and in-process float results match those 1-thread subprocesses."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -19,7 +19,6 @@ from sida_diffusers.evaluation import (BestTracker, DINOv2Features, InceptionFea
                                        inception_score, kernel_inception_distance, load_reference, plot_metric_curve,
                                        precision_recall, register_feature_metric, result_keys, save_reference)
 
-torch.set_num_threads(1)
 RES = 8
 
 

@@ -14,7 +14,6 @@ from sida_diffusers import hub
 from sida_diffusers.cli import export as export_cli
 from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
 
-torch.set_num_threads(1)
 
 RUN_INFO = {"method": "sida", "alpha": 1.0, "teacher": "edm-cifar10-32x32-cond-vp", "dataset": "cifar10-32x32.zip",
             "kimg": 217.9, "cur_nimg": 217920, "train_batch_size": 32, "total_batch_size": 256, "num_processes": 8,

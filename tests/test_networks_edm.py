@@ -13,7 +13,6 @@ from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.edm import DhariwalUNet, SongUNet, UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 
-torch.set_num_threads(1)
 
 EDM_FIXTURES = ["edm_ddpmpp_uncond", "edm_ddpmpp_cond", "vp_ddpmpp_uncond", "ve_ncsnpp_uncond", "edm_adm_cond"]
 TINY_SONG = dict(model_type="SongUNet", model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],

@@ -12,7 +12,6 @@ from sida_diffusers.cli import sample as sample_cli
 from sida_diffusers.networks.precond import EDMPrecond
 from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
 
-torch.set_num_threads(1)
 ID2LABEL = {0: "zero, nought", 1: "one", 2: "two"}
 
 

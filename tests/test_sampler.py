@@ -16,7 +16,6 @@ from sida_diffusers.pipelines import (
     seed_generators,
 )
 
-torch.set_num_threads(1)
 
 
 def heun_pipe(**kwargs):

@@ -14,7 +14,6 @@ SCRIPT = """
 import sys, torch
 from sida_diffusers.training import SiDATrainer, parse_args
 
-torch.set_num_threads(1)
 trainer = SiDATrainer(parse_args(sys.argv[1:]))
 trainer.train()
 nets = {name: torch.cat([p.detach().flatten() for p in trainer.unwrap(getattr(trainer, name)).parameters()])

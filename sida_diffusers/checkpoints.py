@@ -2,13 +2,13 @@
 
 Official checkpoints are `torch_utils.persistence` pickles whose network objects carry the source code that defined
 them; `sida_diffusers.safe_pickle` reads them without ever executing it (ALGORITHM.md §8). The `ema` network tree is
-walked into a state dict with the official key names and loaded, strictly, into the matching `Denoiser` built by
-`networks.denoiser_from_official`.
+walked into a state dict with the official key names, and the matching `Denoiser` (`networks.denoiser_from_official`)
+is built on the meta device, checked shape by shape against it, and only then allocated and loaded, strictly
+(`sida_diffusers.model_files`). Diffusers folders get the same check from their config.json and safetensors headers.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import urllib.parse
@@ -20,6 +20,8 @@ from urllib.request import urlopen
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
+from sida_diffusers.bounded_io import read_json
+from sida_diffusers.model_files import build_within, check_model_folder, check_shapes, denoiser_classes
 from sida_diffusers.networks import Denoiser, denoiser_from_official
 from sida_diffusers.safe_pickle import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
 
@@ -207,51 +209,29 @@ def cached_download(url: str, cache_dir=None) -> Path:
     return dst
 
 
-def _denoiser_classes() -> dict:
-    import importlib
-
-    for module in ("precond", "precond_edm2"):  # where ARCHITECTURE.md puts the Denoiser subclasses
-        importlib.import_module(f"sida_diffusers.networks.{module}")
-    found, todo = {}, Denoiser.__subclasses__()
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if not cls.__name__.startswith("_"):  # private bases such as a shared EDM-family parent are not models
-            found[cls.__name__] = cls
-    return found
-
-
 def _load_diffusers_folder(folder: Path, dtype) -> Denoiser:
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"  # a SiDAPipeline folder: its denoiser lives in unet/
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is a folder without config.json; pass a Diffusers model folder "
                                 "(config.json + diffusion_pytorch_model.safetensors) or an official .pkl file.")
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    classes = _denoiser_classes()
-    if class_name not in classes:
+    config = read_json(folder / "config.json")
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    classes = denoiser_classes()
+    if not isinstance(class_name, str) or class_name not in classes:
         raise ValueError(f"{folder}/config.json names class {class_name!r}, which is not a sida_diffusers denoiser; "
                          f"known classes: {sorted(classes)}. Point at the folder of a saved denoiser.")
-    return classes[class_name].from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
+    check_model_folder(classes[class_name], folder)  # on meta: the config must describe the weights it sits with
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return classes[class_name].from_pretrained(folder, use_safetensors=True, **kwargs)
 
 
 def _load_official(path: Path, key: str, label: str) -> Denoiser:
     ckpt = read_official_pickle(path, key=key)
-    try:
-        model = denoiser_from_official(ckpt.class_name, ckpt.init_kwargs)
-    except ValueError as e:
-        raise ValueError(f"{label}: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    shapes = [f"{k}: {found[k]} vs {expected[k]}" for k in sorted(expected.keys() & found.keys())
-              if found[k] != expected[k]]
-    problems = [f"{what} {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
-    if problems:
-        raise ValueError(f"{label}: its weights do not fit {type(model).__name__}(**init_kwargs): "
-                         f"{', '.join(problems)}. The checkpoint was written by a modified network definition; "
-                         "convert it with code that matches that definition.")
+    shapes = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    model = build_within(lambda: denoiser_from_official(ckpt.class_name, ckpt.init_kwargs), shapes, label)
+    check_shapes(model, shapes, label, "**init_kwargs")
+    model.to_empty(device="cpu")  # memory is allocated only now, for exactly the tensors the file holds
     model.load_state_dict(ckpt.state_dict, strict=True)
     return model
 

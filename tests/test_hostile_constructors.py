@@ -12,12 +12,14 @@ import os
 import pytest
 import torch
 from conftest import FIXTURES_DIR, requires_fixtures
-from test_pipeline import tiny_edm
+from safetensors.torch import save_file
+from test_pipeline import tiny_edm, tiny_vae
 
 from sida_diffusers.checkpoints import load_denoiser
 from sida_diffusers.model_files import build_within, check_shapes
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.precond import iDDPMPrecond
+from sida_diffusers.pipelines import SiDAPipeline
 
 
 def fixtures_tool():
@@ -169,3 +171,40 @@ def test_pickled_bin_weights_are_never_loaded(denoiser_folder):
     with pytest.raises(FileNotFoundError, match=r"only \['diffusion_pytorch_model.bin'\]: pickled weights, which "
                                                 "sida_diffusers never loads; convert them to safetensors"):
         load_denoiser(denoiser_folder)
+
+
+# ---- pipeline folders: every component ------------------------------------------------------------------------------
+
+@pytest.fixture
+def latent_pipeline(tmp_path):
+    from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
+
+    SiDAPipeline(unet=tiny_edm(channels=4, augment_dim=0), vae=tiny_vae(), latent_scale=EDM2_LATENT_SCALE,
+                 latent_bias=EDM2_LATENT_BIAS).save_pretrained(tmp_path / "pipe")
+    return tmp_path / "pipe"
+
+
+@pytest.mark.parametrize("component, changes", [
+    ("unet", {"model_kwargs.model_channels": 1 << 16}),
+    ("vae", {"block_out_channels": [1 << 14] * 2}),
+    ("vae", {"layers_per_block": 1_000_000}),
+])
+def test_pipeline_components_whose_config_outgrows_their_weights_are_refused(latent_pipeline, component, changes,
+                                                                              bounded):
+    edit_config(latent_pipeline / component / "config.json", **changes)
+    refused(SiDAPipeline.from_pretrained, latent_pipeline, f"{component}/config.json",
+            "describes a network of at least")
+
+
+def test_component_weights_that_do_not_match_their_config_are_listed(latent_pipeline, bounded):
+    weights = {k: v.clone() for k, v in tiny_edm(channels=4, augment_dim=0).state_dict().items()}
+    weights["model.extra"] = torch.zeros(3)
+    weights["model.enc.8x8_conv.bias"] = torch.zeros(9)
+    save_file(weights, latent_pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    refused(SiDAPipeline.from_pretrained, latent_pipeline, "unet/config.json", "unexpected keys ['model.extra'] (1)",
+            "shape mismatches ['model.enc.8x8_conv.bias: (9,) vs (8,)'] (1)")
+
+
+def test_the_exported_latent_pipeline_still_loads(latent_pipeline):
+    pipe = SiDAPipeline.from_pretrained(latent_pipeline)
+    assert pipe.vae.config.block_out_channels == [8, 16] and pipe.unet.img_channels == 4

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sida_diffusers.bounded_io import load_npy, load_npz, read_json
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats
 
@@ -27,14 +28,20 @@ def load_label_pool(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label file {path} not found; pass the dataset's labels (.npy, .npz or EDM "
                                 "dataset.json) or omit --labels.")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        data = data["labels"] if isinstance(data, dict) else data
-        labels = [row[1] if isinstance(row, (list, tuple)) else row for row in data]
+        data = read_json(path)
+        data = data.get("labels") if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            raise ValueError(f"{path} holds no list of labels; expected EDM's dataset.json or a JSON list.")
+        labels = [row[1] if isinstance(row, list) and len(row) == 2 else row for row in data]
+        if not all(type(label) is int for label in labels):
+            raise ValueError(f"{path} must list integer class labels (or EDM's [file name, label] rows).")
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            labels = z["labels"] if "labels" in z.files else z["arr_0"]
+        arrays = load_npz(path)
+        labels = arrays.get("labels", arrays.get("arr_0"))
+        if labels is None:
+            raise ValueError(f"{path} has neither a 'labels' nor an 'arr_0' array.")
     else:
-        labels = np.load(path, allow_pickle=False)
+        labels = load_npy(path)
     labels = np.asarray(labels)
     if labels.ndim == 2:  # one-hot rows
         labels = labels.argmax(1)

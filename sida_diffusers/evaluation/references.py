@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sida_diffusers.bounded_io import load_npz
 from sida_diffusers.safe_pickle import load_arrays_pickle
 
 FIELDS = ("mu", "sigma", "features")
@@ -43,6 +44,9 @@ def _entry(fields: dict, where: str) -> dict:
     out = {}
     for key, value in fields.items():
         if key in FIELDS:
+            # Arrays or numbers only: nested lists would let a pickle share one list many times over (memo).
+            if not isinstance(value, (np.ndarray, int, float)):
+                raise ValueError(f"{where}[{key!r}] is a {type(value).__name__}, not a numeric array.")
             out[key] = np.asarray(value, dtype=np.float64 if key != "features" else np.float32)
     if not out:
         raise ValueError(f"{where} holds none of {FIELDS}; it is not a reference-statistics file.")
@@ -50,8 +54,7 @@ def _entry(fields: dict, where: str) -> dict:
 
 
 def _load_npz(path: Path) -> Reference:
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+    data = load_npz(path)  # headers checked against the archive before any array is allocated
     if "meta" not in data:  # EDM / clean-fid layout: one Inception Gaussian
         return Reference(str(path), {"fid": _entry(data, str(path))}, {"fid": {"extractor": "inception",
                                                                                "inception_mode": "legacy_tensorflow"}})
@@ -60,8 +63,16 @@ def _load_npz(path: Path) -> Reference:
         name, _, field = key.rpartition(".")
         if name and field in FIELDS:
             entries.setdefault(name, {})[field] = value
-    return Reference(str(path), {k: _entry(v, f"{path}[{k}]") for k, v in entries.items()},
-                     json.loads(str(data["meta"])), data.get("labels"))
+    try:
+        meta = json.loads(str(data["meta"]))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: its 'meta' entry is not JSON ({type(e).__name__}); write the file again with "
+                         "sida-ref-stats.") from None
+    labels = data.get("labels")
+    if not isinstance(meta, dict) or (labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu")):
+        raise ValueError(f"{path}: 'meta' must be a JSON object and 'labels' a 1-d integer array; write the file "
+                         "again with sida-ref-stats.")
+    return Reference(str(path), {k: _entry(v, f"{path}[{k}]") for k, v in entries.items()}, meta, labels)
 
 
 def _load_pkl(path: Path) -> Reference:

@@ -305,6 +305,12 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
 def convert_official(src, dst: Union[str, os.PathLike], dtype: torch.dtype = torch.float32, key: str = "ema",
                      cache_dir=None) -> Denoiser:
     """Write the denoiser of `src` (anything `load_denoiser` reads) as a Diffusers model folder `dst`; returns it."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():  # save_pretrained would log an error and write nothing
+        raise FileExistsError(f"{dst} is an existing file, not a folder; pass a new or existing folder for the "
+                              "converted model (config.json + diffusion_pytorch_model.safetensors).")
     model = load_denoiser(src, dtype=dtype, key=key, cache_dir=cache_dir)
     model.save_pretrained(os.fspath(dst))
+    if not (dst / "diffusion_pytorch_model.safetensors").is_file():
+        raise OSError(f"saving the converted model to {dst} wrote no diffusion_pytorch_model.safetensors.")
     return model

@@ -8,7 +8,6 @@ index, or, with neither, uniformly from each seed's generator. Everything is val
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import numpy as np
 import torch
 
 from sida_diffusers.bounded_io import load_npy, load_npz, read_json
+from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats
 
@@ -90,7 +90,7 @@ def format_table(results: dict) -> str:
 def main(argv=None) -> int:
     """Evaluate a pipeline; `argv` defaults to the command line."""
     register_digits_metric()  # fd_digits is always available by name on the command line
-    parser = argparse.ArgumentParser(prog="sida-eval", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sida-eval", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
     parser.add_argument("--metrics", default="fid", help=f"comma-separated, from {', '.join(available_metrics())} "
                                                          "or a registered custom metric (default fid)")
@@ -112,7 +112,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        parser.fail(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps is not None and args.steps < 1:
+        parser.fail(f"--steps must be >= 1, got {args.steps}")
+    if args.out:
+        parser.check_writable_file("--out", args.out)  # checked now, not after hours of evaluation
 
     from sida_diffusers.cli.sample import load_pipeline
 
@@ -130,8 +134,8 @@ def main(argv=None) -> int:
             if label_pool is not None and (label_pool.min() < 0 or label_pool.max() >= unet.label_dim):
                 raise ValueError(f"dataset labels span {label_pool.min()}..{label_pool.max()} but the model has "
                                  f"label_dim={unet.label_dim}; pass the labels of the dataset it was trained on.")
-    except (ValueError, FileNotFoundError, TypeError, OSError) as error:
-        parser.exit(2, f"sida-eval: error: {error}\n")
+    except INPUT_ERRORS as error:
+        parser.fail(error)
     pipe.set_progress_bar_config(disable=True)
     if unet.label_dim:
         print("labels: " + (f"drawn from {len(label_pool)} dataset labels" if label_pool is not None

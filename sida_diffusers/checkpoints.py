@@ -1,21 +1,15 @@
 """Load official EDM / EDM2 / SiD / SiDA network pickles safely, and convert them to Diffusers model folders.
 
-Official checkpoints are `torch_utils.persistence` pickles: each network object carries the source code of the
-module that defined it and unpickling it with the official code *executes* that source (ALGORITHM.md §8). The
-reader below never does: a restricted unpickler maps the handful of globals these files use onto harmless
-stand-ins (class name + state, containers, tensors rebuilt from raw bytes with bounds checks) and refuses every
-other global. The `ema` network tree is then walked into a state dict with the official key names and loaded,
-strictly, into the matching `Denoiser` built by `networks.denoiser_from_official`.
+Official checkpoints are `torch_utils.persistence` pickles whose network objects carry the source code that defined
+them; `sida_diffusers.safe_pickle` reads them without ever executing it (ALGORITHM.md §8). The `ema` network tree is
+walked into a state dict with the official key names, and the matching `Denoiser` (`networks.denoiser_from_official`)
+is built on the meta device, checked shape by shape against it, and only then allocated and loaded, strictly
+(`sida_diffusers.model_files`). Diffusers folders get the same check from their config.json and safetensors headers.
 """
 
 from __future__ import annotations
 
-import collections
-import io
-import json
 import os
-import pickle
-import struct
 import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
@@ -23,11 +17,13 @@ from pathlib import Path
 from typing import Optional, Union
 from urllib.request import urlopen
 
-import numpy as np
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
+from sida_diffusers.bounded_io import read_json
+from sida_diffusers.model_files import build_within, check_model_folder, check_shapes, denoiser_classes
 from sida_diffusers.networks import Denoiser, denoiser_from_official
+from sida_diffusers.safe_pickle import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
 
 __all__ = [
     "KNOWN_CHECKPOINTS", "OfficialCheckpoint", "UnsafeCheckpointError",
@@ -102,249 +98,9 @@ KNOWN_CHECKPOINTS = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
-    """A pickle asked for a global outside the allow-list of official checkpoints; nothing was executed."""
-
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Stand-ins for the objects an official pickle contains. None of them runs code from the file.
-
-class _Module:
-    """A pickled module: its class name and its `__dict__` (persistent class or a torch container)."""
-
-    class_name, state = "?", None
-
-    def __init__(self, class_name: str, state=None):
-        self.class_name, self.state = class_name, state
-
-    def __setstate__(self, state):  # BUILD of a torch container
-        self.state = state
-
-    def __repr__(self):
-        return f"<pickled {self.class_name}>"
-
-
-def _persistent_obj(meta):
-    # Keeps the class name and state; `module_src` is dropped unread, it is the code the official loader would run.
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("class_name"), str):
-        raise ValueError("malformed persistent object record (expected a dict with type='class' and class_name)")
-    return _Module(meta["class_name"], meta.get("state"))
-
-
-def _container(class_name):
-    # Containers are rebuilt with NEWOBJ (no __init__) then BUILD, so the class name lives on the class.
-    return type(class_name, (_Module,), {"class_name": class_name})
-
-
-class _Storage:
-    """A typed storage parsed from a legacy `torch.save` blob: a flat 1-d tensor."""
-
-    def __init__(self, data: torch.Tensor):
-        self.data = data
-
-
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32, "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-class _BlobUnpickler(pickle.Unpickler):
-    """Reads the small pickles inside a storage blob; the only globals are storage types, the only pid 'storage'."""
-
-    def find_class(self, module, name):
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        raise UnsafeCheckpointError(f"refused to load global '{module}.{name}' inside a tensor storage blob: only "
-                                    "storage types belong there. Nothing was executed.")
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
-                and isinstance(pid[4], int)):
-            raise UnsafeCheckpointError(f"refused persistent id {pid!r} inside a tensor storage blob")
-        return pid  # (tag, dtype, key, location, numel, ...): filled with data after the key list
-
-
-def _load_storage_blob(blob):
-    # A legacy (non-zip) torch.save of one storage: magic, protocol, sys info, storage pid, keys, then raw data
-    # (fixtures README, "Tensors").
-    if not isinstance(blob, bytes):
-        raise ValueError("storage blob is not bytes")
-    f = io.BytesIO(blob)
-    loader = _BlobUnpickler(f)
-    if loader.load() != _LEGACY_MAGIC:
-        raise ValueError("storage blob has a wrong magic number")
-    loader.load()  # protocol version
-    info = loader.load()
-    if not isinstance(info, dict) or not info.get("little_endian", False):
-        raise ValueError("storage blob is not little-endian; only little-endian checkpoints are supported")
-    pid = loader.load()
-    keys = loader.load()
-    if not isinstance(pid, tuple) or keys != [pid[2]]:
-        raise ValueError("storage blob must hold exactly one storage")
-    _, dtype, _, _, numel = pid[:5]
-    header = f.read(8)
-    if len(header) != 8:
-        raise ValueError("storage blob is truncated")
-    count, = struct.unpack("<q", header)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    if count != numel or count < 0:
-        raise ValueError(f"storage blob announces {numel} elements but holds {count}")
-    raw = f.read(count * itemsize)
-    if len(raw) != count * itemsize:
-        raise ValueError("storage blob is truncated")
-    return _Storage(torch.frombuffer(bytearray(raw), dtype=dtype) if count else torch.empty(0, dtype=dtype))
-
-
-def _rebuild_tensor(storage, offset, size, stride, *_):
-    # Every index the view can reach must lie inside the storage: offset + sum((size_i - 1) * stride_i) < numel.
-    if not isinstance(storage, _Storage):
-        raise ValueError("tensor record does not point at a storage")
-    ints = lambda t: isinstance(t, tuple) and all(type(v) is int for v in t)  # noqa: E731
-    if type(offset) is not int or not ints(size) or not ints(stride) or len(size) != len(stride):
-        raise ValueError("malformed tensor record (offset, size and stride must be ints)")
-    numel = storage.data.numel()
-    if offset < 0 or offset > numel or min(size + stride, default=0) < 0:
-        raise ValueError("tensor record has a negative offset, size or stride, or an offset past its storage")
-    if 0 not in size and offset + sum((n - 1) * s for n, s in zip(size, stride)) >= numel:
-        raise ValueError(f"tensor of size {list(size)} reaches outside its storage of {numel} elements")
-    tensor = storage.data.as_strided(size, stride, offset)
-    return tensor if tensor.numel() == numel and tensor.is_contiguous() else tensor.clone()  # own blob: no copy
-
-
-def _rebuild_parameter(data, requires_grad, *_):
-    if not torch.is_tensor(data):
-        raise ValueError("parameter record does not hold a tensor")
-    return data
-
-
-class _NumpyDType:
-    """`numpy.dtype(code, align, copy)` + BUILD state; made real by `_numpy_dtype` once the byte order is known."""
-
-    def __init__(self, code, *_):
-        self.code, self.state = code, None
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def _numpy_dtype(d) -> np.dtype:
-    if not isinstance(d, _NumpyDType) or not isinstance(d.code, str):
-        raise ValueError("numpy record does not carry a dtype")
-    state = d.state if isinstance(d.state, tuple) else ()
-    if len(state) > 3 and state[3] is not None:
-        raise UnsafeCheckpointError("refused a structured numpy dtype (only plain numeric dtypes are accepted)")
-    dtype = np.dtype(d.code)
-    if dtype.hasobject or dtype.kind not in "biufc":
-        raise UnsafeCheckpointError(f"refused numpy dtype {d.code!r} (only numeric dtypes are accepted)")
-    order = state[1] if len(state) > 1 else "="
-    return dtype.newbyteorder(order) if order in "<>" else dtype
-
-
-def _numpy_scalar(dtype, raw=None):
-    dtype = _numpy_dtype(dtype)
-    if not isinstance(raw, bytes) or len(raw) != dtype.itemsize:
-        raise ValueError("malformed numpy scalar record")
-    return np.frombuffer(raw, dtype)[0]
-
-
-class _NumpyArray:
-    """`numpy.core.multiarray._reconstruct(ndarray, ...)` + BUILD `(version, shape, dtype, fortran, raw bytes)`."""
-
-    def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[4], bytes)):
-            raise UnsafeCheckpointError("refused a numpy array whose data is not raw bytes (object arrays)")
-        _, shape, dtype, fortran, raw = state
-        dtype = _numpy_dtype(dtype)
-        if not (isinstance(shape, tuple) and all(type(n) is int and n >= 0 for n in shape)):
-            raise ValueError("malformed numpy array shape")
-        if len(raw) != int(np.prod(shape)) * dtype.itemsize:
-            raise ValueError("numpy array data does not match its shape")
-        self.array = np.frombuffer(raw, dtype).reshape(shape, order="F" if fortran else "C").copy()
-
-
-def _numpy_reconstruct(cls, *_):
-    if cls is not _NumpyArray:
-        raise UnsafeCheckpointError("refused numpy _reconstruct of something other than numpy.ndarray")
-    return _NumpyArray()
-
-
-# Every global an official EDM / EDM2 / SiD / SiDA pickle needs (fixtures README, "Other globals you will meet").
-_SAFE_GLOBALS = {
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_obj,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch.storage", "_load_from_bytes"): _load_storage_blob,
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("dnnlib.util", "EasyDict"): dict,
-    ("numpy", "dtype"): _NumpyDType,
-    ("numpy", "ndarray"): _NumpyArray,
-    **{("torch.nn.modules.container", name): _container(name) for name in ("ModuleDict", "ModuleList", "Sequential")},
-    **{(f"numpy.{core}.multiarray", "scalar"): _numpy_scalar for core in ("core", "_core")},
-    **{(f"numpy.{core}.multiarray", "_reconstruct"): _numpy_reconstruct for core in ("core", "_core")},
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _SAFE_GLOBALS:
-            raise UnsafeCheckpointError(
-                f"refused to load global '{module}.{name}': official EDM/EDM2/SiD checkpoints never contain it, so "
-                "this file is either not an official network pickle or has been tampered with. Nothing was executed."
-            )
-        return _SAFE_GLOBALS[(module, name)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# From the unpickled tree to plain data
-
-def _plain(obj):
-    """numpy scalars/arrays -> numbers/lists, tuples -> lists, persistent objects -> dicts of their attributes."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, _NumpyArray):
-        return obj.array.tolist()
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, _Module):
-        state = obj.state if isinstance(obj.state, dict) else {}
-        if "_modules" in state:  # a network: summarised, its weights are what read_official_pickle(key=...) is for
-            return {"class_name": obj.class_name, "init_kwargs": _plain(state.get("_init_kwargs", {}))}
-        attrs = {k: _plain(v) for k, v in state.items() if not k.startswith("_")}
-        return {"class_name": obj.class_name, "init_kwargs": _plain(state.get("_init_kwargs", {})), **attrs}
-    return obj
-
-
-def _collect_state_dict(module: _Module, prefix: str, out: dict) -> dict:
-    # Key = path of _modules names + parameter/buffer name, as Module.state_dict() builds it (fixtures README).
-    if prefix.count(".") > 64:  # real networks nest < 10 deep; this stops cyclic (memo-referenced) trees
-        raise ValueError(f"module tree is cyclic or implausibly deep at '{prefix[:200]}...'")
-    state = module.state
-    if not isinstance(state, dict) or not isinstance(state.get("_modules"), dict):
-        raise ValueError(f"'{prefix.rstrip('.')}' ({module.class_name}) is not a torch module (no _modules)")
-    non_persistent = set(state.get("_non_persistent_buffers_set") or ())
-    tensors = list((state.get("_parameters") or {}).items())
-    tensors += [(k, v) for k, v in (state.get("_buffers") or {}).items() if k not in non_persistent]
-    for name, tensor in tensors:
-        if tensor is None:  # e.g. resample_filter of a convolution without resampling
-            continue
-        if not torch.is_tensor(tensor):
-            raise ValueError(f"'{prefix}{name}' is a {type(tensor).__name__}, expected a tensor")
-        # EDM2 pickles are float16 throughout; float16 gains change the outputs (fixtures README, "Quirks").
-        out[prefix + name] = tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
-    for name, child in state["_modules"].items():
-        if child is None:
-            continue
-        if not isinstance(child, _Module):
-            raise ValueError(f"'{prefix}{name}' is a {type(child).__name__}, expected a module")
-        _collect_state_dict(child, f"{prefix}{name}.", out)
-    return out
-
+# Official pickles as plain data
 
 @dataclass
 class OfficialCheckpoint:
@@ -364,32 +120,31 @@ class OfficialCheckpoint:
     extras: dict = field(default_factory=dict)
 
 
-_SNIFF = {b"\x89PNG": "a PNG image", b"PK\x03\x04": "a zip archive (e.g. a torch.save file or a dataset zip)",
-          b"\xff\xd8\xff": "a JPEG image", b"GIF8": "a GIF image"}
-
-
-def _unpickle(path: Path):
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        kind = next((what for magic, what in _SNIFF.items() if head.startswith(magic)), None)
-        if kind is None and not head.startswith(b"\x80"):
-            kind = "not a pickle (no protocol-2+ header)" if head else "empty"
-        if kind is not None:
-            raise ValueError(
-                f"{path} is {kind}, not an official EDM/EDM2 network pickle (.pkl). Pass a network-snapshot or "
-                "published .pkl file, a Diffusers model folder, a known checkpoint name or a Hub repo id."
-            )
-        try:
-            return _RestrictedUnpickler(f).load()
-        except UnsafeCheckpointError:
-            raise
-        except (EOFError, pickle.UnpicklingError) as e:
-            if isinstance(e, EOFError) or "truncated" in str(e):
-                raise ValueError(f"{path} is truncated ({e}); download it again.") from e
-            raise ValueError(f"{path} is a corrupt or unsupported pickle: {e}") from e
-        except (ValueError, TypeError, AttributeError, IndexError, KeyError, RuntimeError, OverflowError) as e:
-            raise ValueError(f"{path} is not a readable official network pickle: {e}") from e
+def _collect_state_dict(module: PickledModule, prefix: str, out: dict, seen: set) -> dict:
+    # Key = path of _modules names + parameter/buffer name, as Module.state_dict() builds it (fixtures README).
+    if id(module) in seen or prefix.count(".") > 64:  # real networks nest < 10 deep and never share a submodule
+        raise ValueError(f"module tree is cyclic, shared or implausibly deep at '{prefix[:200]}'")
+    seen.add(id(module))
+    state = module.state
+    if not isinstance(state, dict) or not isinstance(state.get("_modules"), dict):
+        raise ValueError(f"'{prefix.rstrip('.')}' ({module.class_name}) is not a torch module (no _modules)")
+    non_persistent = set(state.get("_non_persistent_buffers_set") or ())
+    tensors = list((state.get("_parameters") or {}).items())
+    tensors += [(k, v) for k, v in (state.get("_buffers") or {}).items() if k not in non_persistent]
+    for name, tensor in tensors:
+        if tensor is None:  # e.g. resample_filter of a convolution without resampling
+            continue
+        if not torch.is_tensor(tensor):
+            raise ValueError(f"'{prefix}{name}' is a {type(tensor).__name__}, expected a tensor")
+        # EDM2 pickles are float16 throughout; float16 gains change the outputs (fixtures README, "Quirks").
+        out[prefix + name] = tensor.float() if tensor.dtype in (torch.float16, torch.bfloat16) else tensor
+    for name, child in state["_modules"].items():
+        if child is None:
+            continue
+        if not isinstance(child, PickledModule):
+            raise ValueError(f"'{prefix}{name}' is a {type(child).__name__}, expected a module")
+        _collect_state_dict(child, f"{prefix}{name}.", out, seen)
+    return out
 
 
 def read_official_pickle(path: Union[str, os.PathLike], key: str = "ema") -> OfficialCheckpoint:
@@ -397,29 +152,32 @@ def read_official_pickle(path: Union[str, os.PathLike], key: str = "ema") -> Off
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such checkpoint file: {path}")
-    top = _unpickle(path)
-    if isinstance(top, _Module):  # a network pickled on its own
+    top = load_official_pickle(path)
+    if isinstance(top, PickledModule):  # a network pickled on its own
         top = {key: top}
     if not isinstance(top, dict):
         raise ValueError(f"{path} holds a {type(top).__name__}, not an official checkpoint (a dict with an "
                          f"'{key}' network entry).")
-    nets = [k for k, v in top.items() if isinstance(v, _Module) and isinstance(v.state, dict) and "_modules" in v.state]
+    nets = [k for k, v in top.items()
+            if isinstance(v, PickledModule) and isinstance(v.state, dict) and "_modules" in v.state]
     if key not in top:
         hint = f"pass key= one of {nets}" if nets else "none of its entries is a network"
-        raise ValueError(f"{path} has no '{key}' entry; its top-level keys are {list(top)} ({hint}).")
+        raise ValueError(f"{path} has no '{key}' entry; its top-level keys are {list(top)[:20]} ({hint}).")
     if key not in nets:
-        what = f"class {top[key].class_name}" if isinstance(top[key], _Module) else f"type {type(top[key]).__name__}"
+        what = (f"class {top[key].class_name}" if isinstance(top[key], PickledModule)
+                else f"type {type(top[key]).__name__}")
         raise ValueError(f"entry '{key}' of {path} has {what}, not a network module"
                          + (f"; entries holding a network: {nets}" if nets else "; the file holds no network."))
     net = top[key]
     try:
-        state_dict = _collect_state_dict(net, "", {})
-        rest = {k: _plain(v) for k, v in top.items() if k != key}
-    except RecursionError as e:  # self-referencing containers: never written by torch or the official code
-        raise ValueError(f"{path} holds self-referencing data, which no official checkpoint does") from e
-    return OfficialCheckpoint(
-        class_name=net.class_name, init_kwargs=_plain(net.state.get("_init_kwargs") or {}), state_dict=state_dict,
-        dataset_kwargs=rest.pop("dataset_kwargs", None), encoder=rest.pop("encoder", None), extras=rest)
+        state_dict = _collect_state_dict(net, "", {}, set())
+        init_kwargs = plain(net.state.get("_init_kwargs") or {})
+        rest = {k: plain(v) for k, v in top.items() if k != key}
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from e
+    return OfficialCheckpoint(class_name=net.class_name, init_kwargs=init_kwargs, state_dict=state_dict,
+                              dataset_kwargs=rest.pop("dataset_kwargs", None), encoder=rest.pop("encoder", None),
+                              extras=rest)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -451,51 +209,29 @@ def cached_download(url: str, cache_dir=None) -> Path:
     return dst
 
 
-def _denoiser_classes() -> dict:
-    import importlib
-
-    for module in ("precond", "precond_edm2"):  # where ARCHITECTURE.md puts the Denoiser subclasses
-        importlib.import_module(f"sida_diffusers.networks.{module}")
-    found, todo = {}, Denoiser.__subclasses__()
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if not cls.__name__.startswith("_"):  # private bases such as a shared EDM-family parent are not models
-            found[cls.__name__] = cls
-    return found
-
-
 def _load_diffusers_folder(folder: Path, dtype) -> Denoiser:
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"  # a SiDAPipeline folder: its denoiser lives in unet/
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is a folder without config.json; pass a Diffusers model folder "
                                 "(config.json + diffusion_pytorch_model.safetensors) or an official .pkl file.")
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    classes = _denoiser_classes()
-    if class_name not in classes:
+    config = read_json(folder / "config.json")
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    classes = denoiser_classes()
+    if not isinstance(class_name, str) or class_name not in classes:
         raise ValueError(f"{folder}/config.json names class {class_name!r}, which is not a sida_diffusers denoiser; "
                          f"known classes: {sorted(classes)}. Point at the folder of a saved denoiser.")
-    return classes[class_name].from_pretrained(folder, **({"dtype": dtype} if dtype is not None else {}))
+    check_model_folder(classes[class_name], folder)  # on meta: the config must describe the weights it sits with
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return classes[class_name].from_pretrained(folder, use_safetensors=True, **kwargs)
 
 
 def _load_official(path: Path, key: str, label: str) -> Denoiser:
     ckpt = read_official_pickle(path, key=key)
-    try:
-        model = denoiser_from_official(ckpt.class_name, ckpt.init_kwargs)
-    except ValueError as e:
-        raise ValueError(f"{label}: {e}") from e
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
-    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
-    shapes = [f"{k}: {found[k]} vs {expected[k]}" for k in sorted(expected.keys() & found.keys())
-              if found[k] != expected[k]]
-    problems = [f"{what} {keys[:8]}{' ...' if len(keys) > 8 else ''} ({len(keys)})" for what, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
-    if problems:
-        raise ValueError(f"{label}: its weights do not fit {type(model).__name__}(**init_kwargs): "
-                         f"{', '.join(problems)}. The checkpoint was written by a modified network definition; "
-                         "convert it with code that matches that definition.")
+    shapes = {k: tuple(v.shape) for k, v in ckpt.state_dict.items()}
+    model = build_within(lambda: denoiser_from_official(ckpt.class_name, ckpt.init_kwargs), shapes, label)
+    check_shapes(model, shapes, label, "**init_kwargs")
+    model.to_empty(device="cpu")  # memory is allocated only now, for exactly the tensors the file holds
     model.load_state_dict(ckpt.state_dict, strict=True)
     return model
 
@@ -569,6 +305,12 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
 def convert_official(src, dst: Union[str, os.PathLike], dtype: torch.dtype = torch.float32, key: str = "ema",
                      cache_dir=None) -> Denoiser:
     """Write the denoiser of `src` (anything `load_denoiser` reads) as a Diffusers model folder `dst`; returns it."""
+    dst = Path(dst)
+    if dst.exists() and not dst.is_dir():  # save_pretrained would log an error and write nothing
+        raise FileExistsError(f"{dst} is an existing file, not a folder; pass a new or existing folder for the "
+                              "converted model (config.json + diffusion_pytorch_model.safetensors).")
     model = load_denoiser(src, dtype=dtype, key=key, cache_dir=cache_dir)
     model.save_pretrained(os.fspath(dst))
+    if not (dst / "diffusion_pytorch_model.safetensors").is_file():
+        raise OSError(f"saving the converted model to {dst} wrote no diffusion_pytorch_model.safetensors.")
     return model

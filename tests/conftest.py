@@ -34,3 +34,28 @@ def fixtures_dir():
     if not (FIXTURES_DIR / "README.md").exists():
         pytest.skip(FIXTURES_MISSING)
     return FIXTURES_DIR
+
+
+@pytest.fixture
+def bounded():
+    """Run a hostile-input case within the issue's bounds: 4 GiB of address space above the current use, 20 seconds.
+
+    A bomb that gets through fails the test (MemoryError, TimeoutError) instead of swapping or hanging the machine.
+    """
+    import resource
+    import signal
+
+    def on_alarm(signum, frame):
+        raise TimeoutError("the case ran longer than 20 s")
+
+    vm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm_kb * 1024 + (4 << 30), hard))
+    previous = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(20)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))

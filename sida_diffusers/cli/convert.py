@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from sida_diffusers.checkpoints import KNOWN_CHECKPOINTS, convert_official
+from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def main(argv=None) -> int:
     """Run the converter; `argv` defaults to the command line."""
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="sida-convert",
         description="Convert an official network pickle (never executing code from it) into a Diffusers model folder "
                     "that sida_diffusers.load_denoiser and save_pretrained-style tools read.",
@@ -26,10 +25,11 @@ def main(argv=None) -> int:
     parser.add_argument("--cache_dir", default=None, help="where downloads are cached (default $SIDA_CACHE or "
                                                           "~/.cache/sida_diffusers)")
     args = parser.parse_args(argv)
+    parser.check_writable_folder("DST", args.dst)  # before reading a possibly large checkpoint
     try:
         model = convert_official(args.src, args.dst, dtype=DTYPES[args.dtype], key=args.key, cache_dir=args.cache_dir)
-    except (ValueError, FileNotFoundError, OSError) as error:  # bad input: one clear line, no traceback
-        parser.exit(2, f"sida-convert: error: {error}\n")
+    except INPUT_ERRORS as error:  # bad input: one clear line, no traceback
+        parser.fail(error)
     num_params = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.dst}: {type(model).__name__}, {num_params:,} parameters, {args.dtype}")
     return 0

@@ -11,13 +11,14 @@ the trainer does. Everything is validated before the first image.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sida_diffusers.bounded_io import load_npy, load_npz, read_json
+from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
 
@@ -30,14 +31,20 @@ def load_label_pool(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label file {path} not found; pass the dataset's labels (.npy, .npz or EDM "
                                 "dataset.json) or omit --labels.")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        data = data["labels"] if isinstance(data, dict) else data
-        labels = [row[1] if isinstance(row, (list, tuple)) else row for row in data]
+        data = read_json(path)
+        data = data.get("labels") if isinstance(data, dict) else data
+        if not isinstance(data, list):
+            raise ValueError(f"{path} holds no list of labels; expected EDM's dataset.json or a JSON list.")
+        labels = [row[1] if isinstance(row, list) and len(row) == 2 else row for row in data]
+        if not all(type(label) is int for label in labels):
+            raise ValueError(f"{path} must list integer class labels (or EDM's [file name, label] rows).")
     elif path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            labels = z["labels"] if "labels" in z.files else z["arr_0"]
+        arrays = load_npz(path)
+        labels = arrays.get("labels", arrays.get("arr_0"))
+        if labels is None:
+            raise ValueError(f"{path} has neither a 'labels' nor an 'arr_0' array.")
     else:
-        labels = np.load(path, allow_pickle=False)
+        labels = load_npy(path)
     labels = np.asarray(labels)
     if labels.ndim == 2:  # one-hot rows
         labels = labels.argmax(1)
@@ -74,7 +81,7 @@ def format_table(results: dict) -> str:
 def main(argv=None) -> int:
     """Evaluate a pipeline; `argv` defaults to the command line."""
     register_digits_metric()  # fd_digits is always available by name on the command line
-    parser = argparse.ArgumentParser(prog="sida-eval", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sida-eval", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
     parser.add_argument("--metrics", default="fid", help=f"comma-separated, from {', '.join(available_metrics())} "
                                                          "or a registered custom metric (default fid)")
@@ -96,7 +103,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     if args.repeats < 1:
-        parser.error(f"--repeats must be >= 1, got {args.repeats}")
+        parser.fail(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps is not None and args.steps < 1:
+        parser.fail(f"--steps must be >= 1, got {args.steps}")
+    if args.out:
+        parser.check_writable_file("--out", args.out)  # checked now, not after hours of evaluation
 
     from sida_diffusers.cli.sample import load_pipeline
 
@@ -124,8 +135,8 @@ def main(argv=None) -> int:
             if label_pool is not None and (label_pool.min() < 0 or label_pool.max() >= unet.label_dim):
                 raise ValueError(f"dataset labels span {label_pool.min()}..{label_pool.max()} but the model has "
                                  f"label_dim={unet.label_dim}; pass the labels of the dataset it was trained on.")
-    except (ValueError, FileNotFoundError, TypeError, OSError) as error:
-        parser.exit(2, f"sida-eval: error: {error}\n")
+    except INPUT_ERRORS as error:
+        parser.fail(error)
     pipe.set_progress_bar_config(disable=True)
     if unet.label_dim:
         print("labels: " + (f"drawn per seed from {len(label_pool)} dataset labels" if label_pool is not None

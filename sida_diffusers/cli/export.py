@@ -7,14 +7,14 @@ reference: anything `sida_diffusers.load_denoiser` reads).
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from sida_diffusers.bounded_io import read_json
 from sida_diffusers.checkpoints import load_denoiser
+from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.hub import export_pipeline, push_to_hub
 
 
@@ -45,7 +45,9 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
         ckpt = latest_checkpoint(path)
         if not (ckpt / "run_info.json").is_file():
             raise FileNotFoundError(f"{ckpt} has no run_info.json (the trainer writes it with every checkpoint).")
-        run_info = json.loads((ckpt / "run_info.json").read_text())
+        run_info = read_json(ckpt / "run_info.json")
+        if not isinstance(run_info, dict):
+            raise ValueError(f"{ckpt / 'run_info.json'} holds no JSON object; the checkpoint is damaged.")
         return load_denoiser(ckpt / "generator_ema"), run_info, f"checkpoint {ckpt}"
     generator = load_denoiser(src)
     run_info = {"method": method or _guess_method(src), "teacher": teacher, "source": src, "init_sigma": 2.5,
@@ -56,7 +58,7 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
 
 def main(argv=None) -> int:
     """Export (and optionally push) a generator; `argv` defaults to the command line."""
-    parser = argparse.ArgumentParser(prog="sida-export", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sida-export", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="checkpoint folder, trainer output dir, or official generator .pkl/URL/name")
     parser.add_argument("dst", help="output pipeline folder")
     parser.add_argument("--push-to-hub", metavar="REPO", help="then upload DST to this Hub repo (owner/name)")
@@ -72,27 +74,34 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for the sample grid")
     args = parser.parse_args(argv)
+    parser.check_writable_folder("DST", args.dst)
 
     try:
         generator, run_info, what = load_source(args.src, args.method, args.teacher)
         if args.dataset:
             run_info["dataset"] = args.dataset
         if args.id2label:
-            run_info["id2label"] = {int(k): v for k, v in json.loads(Path(args.id2label).read_text()).items()}
+            id2label = read_json(args.id2label)
+            if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
+                raise ValueError(f"{args.id2label} must hold a JSON object {{index: class name}}.")
+            run_info["id2label"] = {int(k): v for k, v in id2label.items()}
         vae = None
         if args.vae:
             from diffusers import AutoencoderKL
 
-            vae = AutoencoderKL.from_pretrained(args.vae).to(args.device).eval()
+            vae = AutoencoderKL.from_pretrained(args.vae, use_safetensors=True).to(args.device).eval()  # no pickles
         pipe = export_pipeline(generator.to(args.device), args.dst, run_info, vae=vae, grid=not args.no_grid,
                                repo_id=args.push_to_hub)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        parser.exit(2, f"sida-export: error: {error}\n")
+    except INPUT_ERRORS as error:
+        parser.fail(error)
     print(f"exported {what} as {type(pipe).__name__} to {args.dst}:")
     for path in sorted(p for p in Path(args.dst).rglob("*") if p.is_file()):
         print(f"  {path.relative_to(args.dst)}  ({path.stat().st_size:,} bytes)")
     if args.push_to_hub:
-        commit = push_to_hub(args.dst, args.push_to_hub, private=args.private)
+        try:
+            commit = push_to_hub(args.dst, args.push_to_hub, private=args.private)
+        except INPUT_ERRORS as error:  # network, token, repo name: the export above stays on disk
+            parser.fail(f"exported to {args.dst}, but pushing to {args.push_to_hub} failed: {error}")
         print(f"pushed to https://huggingface.co/{args.push_to_hub} ({getattr(commit, 'commit_url', commit)})")
     return 0
 

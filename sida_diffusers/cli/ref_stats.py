@@ -8,11 +8,10 @@ dataset's class labels, which `sida-eval` draws generation labels from (ALGORITH
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
+from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, save_reference
 
@@ -20,7 +19,7 @@ from sida_diffusers.evaluation import MetricSuite, available_metrics, save_refer
 def main(argv=None) -> int:
     """Compute and write reference statistics; `argv` defaults to the command line."""
     register_digits_metric()  # fd_digits is always available by name on the command line
-    parser = argparse.ArgumentParser(prog="sida-ref-stats", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sida-ref-stats", description=__doc__.splitlines()[0])
     parser.add_argument("data", help="dataset source (anything build_dataset reads, e.g. an image folder)")
     parser.add_argument("out", help="output .npz")
     parser.add_argument("--metrics", default="fid", help=f"comma-separated, from {', '.join(available_metrics())} "
@@ -37,7 +36,10 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
-        parser.error(f"OUT must end in .npz, got {args.out}")
+        parser.fail(f"OUT must end in .npz, got {args.out}")
+    parser.check_writable_file("OUT", args.out)  # checked now, not after the whole dataset has been featurised
+    if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
+        parser.fail(f"--batch-size and --max-images must be >= 1, got {args.batch_size} and {args.max_images}")
 
     from sida_diffusers.training.data import build_dataset
 
@@ -52,8 +54,8 @@ def main(argv=None) -> int:
                             device=args.device, inception=args.inception, inception_mode=args.inception_mode,
                             dinov2=args.dinov2, image_shape=first.shape)
         suite.validate(require_reference=False)
-    except (ValueError, FileNotFoundError, TypeError, OSError) as error:
-        parser.exit(2, f"sida-ref-stats: error: {error}\n")
+    except INPUT_ERRORS as error:
+        parser.fail(error)
 
     subset = torch.utils.data.Subset(dataset, range(num_images))
     loader = iter(torch.utils.data.DataLoader(subset, batch_size=args.batch_size, num_workers=args.workers,
@@ -65,12 +67,15 @@ def main(argv=None) -> int:
         labels.extend(int(label) for _, label in items)
         return torch.stack([torch.as_tensor(np.asarray(image)) for image, _ in items])
 
-    entries, meta = suite.reference_entries(sample_fn, num_images, with_features=args.features)
-    for entry in meta.values():
-        entry["source"] = args.data
-    labels = np.asarray(labels, dtype=np.int64)
-    labels = labels if (labels >= 0).all() else None  # build_dataset marks unlabelled items with -1
-    save_reference(args.out, entries, meta, labels=labels)
+    try:  # items read on demand (latents, cache=False) can still turn out unusable
+        entries, meta = suite.reference_entries(sample_fn, num_images, with_features=args.features)
+        for entry in meta.values():
+            entry["source"] = args.data
+        labels = np.asarray(labels, dtype=np.int64)
+        labels = labels if (labels >= 0).all() else None  # build_dataset marks unlabelled items with -1
+        save_reference(args.out, entries, meta, labels=labels)
+    except INPUT_ERRORS as error:
+        parser.fail(error)
     dims = ", ".join(f"{name}: {m['feature_dim']}-d" for name, m in meta.items())
     print(f"wrote {args.out}: {num_images} images, {dims}" + (f", {len(labels)} labels" if labels is not None else ""))
     return 0

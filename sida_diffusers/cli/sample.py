@@ -6,15 +6,16 @@ only on its seed, never on the batch size or on which other seeds are generated.
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
+from sida_diffusers.bounded_io import read_json
+from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.pipelines import EDMHeunPipeline, SiDAPipeline, image_grid, seed_generators, uint8_to_pil
 
 PIPELINES = {cls.__name__: cls for cls in (SiDAPipeline, EDMHeunPipeline)}
@@ -40,15 +41,22 @@ def load_pipeline(src: str, device="cpu"):
     if not index.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by export_pipeline / "
                                 "sida-export (or save_pretrained), or its Hub repo id.")
-    class_name = json.loads(index.read_text()).get("_class_name")
-    if class_name not in PIPELINES:
+    index = read_json(index)
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(class_name, str) or class_name not in PIPELINES:
         raise ValueError(f"{src} holds a {class_name}; sida-sample runs {sorted(PIPELINES)}.")
-    return PIPELINES[class_name].from_pretrained(str(folder)).to(device)
+    shown = diffusers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()  # a command's stderr is for its own progress and one-line errors
+    try:
+        return PIPELINES[class_name].from_pretrained(str(folder)).to(device)
+    finally:
+        if shown:
+            diffusers_logging.enable_progress_bar()
 
 
 def main(argv=None) -> int:
     """Generate images for a list of seeds; `argv` defaults to the command line."""
-    parser = argparse.ArgumentParser(prog="sida-sample", description=__doc__.splitlines()[0])
+    parser = CommandParser(prog="sida-sample", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
     parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-49999 (default 0-63)")
     parser.add_argument("--outdir", help="where the PNGs named by seed (or samples.npz) go")
@@ -63,24 +71,36 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if not args.outdir and not args.grid:
-        parser.error("nothing to write: pass --outdir DIR and/or --grid FILE.png")
+        parser.fail("nothing to write: pass --outdir DIR and/or --grid FILE.png")
     if args.npz and not args.outdir:
-        parser.error("--npz writes DIR/samples.npz: pass --outdir DIR too")
+        parser.fail("--npz writes DIR/samples.npz: pass --outdir DIR too")
     if args.batch_size < 1:
-        parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
+        parser.fail(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps is not None and args.steps < 1:
+        parser.fail(f"--steps must be >= 1 (1 = one step), got {args.steps}")
+    if args.outdir:
+        parser.check_writable_folder("--outdir", args.outdir)
+    if args.grid:
+        parser.check_writable_file("--grid", args.grid)
 
     try:
         pipe = load_pipeline(args.pipeline, args.device)
         labels = None
         if args.class_labels:
             labels = [int(v) if v.isdigit() else pipe.get_label_ids(v)[0] for v in args.class_labels]
-    except (ValueError, FileNotFoundError, OSError) as error:
-        parser.exit(2, f"sida-sample: error: {error}\n")
+        # Everything the first batch would refuse (labels out of range or for an unconditional model, a latent
+        # model without its VAE) is refused now, before any image is written.
+        pipe.check_common_inputs(1, "np", None)
+        pipe.prepare_class_labels(labels, len(labels or [None]), None, "cpu")
+    except INPUT_ERRORS as error:
+        parser.fail(error)
     pipe.set_progress_bar_config(disable=True)
     extra = {} if args.steps is None else {"num_inference_steps": args.steps}
     outdir = Path(args.outdir) if args.outdir else None
     if outdir:
         outdir.mkdir(parents=True, exist_ok=True)
+    if args.grid:
+        Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
 
     seeds, kept, nfe = args.seeds, [], None
     for start in tqdm(range(0, len(seeds), args.batch_size), unit="batch"):

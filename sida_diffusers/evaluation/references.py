@@ -7,7 +7,7 @@ optionally ``features`` ``[N, D]``. Accepted sources:
 
 * EDM ``.npz`` (``mu``, ``sigma``), e.g. ``cifar10-32x32.npz``: one ``fid`` entry, Inception ``legacy_tensorflow``;
 * EDM2 ``.pkl`` (``{'fid': {mu, sigma}, 'fd_dinov2': {mu, sigma}}``), read with an unpickler that can only rebuild
-  numpy arrays, so a malicious pickle cannot run code;
+  numeric numpy arrays (`sida_diffusers.safe_pickle`), so a malicious pickle cannot run code;
 * clean-fid built-in stats, ``cleanfid:NAME/RES/SPLIT`` (e.g. ``cleanfid:cifar10/32/train``), in the suite's
   Inception mode; clean-fid downloads them into its package folder on first use;
 * our ``.npz`` written by ``save_reference`` / ``sida-ref-stats``: keys ``{entry}.{field}``, a JSON ``meta`` string
@@ -18,13 +18,14 @@ optionally ``features`` ``[N, D]``. Accepted sources:
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
+
+from sida_diffusers.bounded_io import load_npz
+from sida_diffusers.safe_pickle import load_arrays_pickle
 
 FIELDS = ("mu", "sigma", "features")
 
@@ -39,25 +40,13 @@ class Reference:
     labels: np.ndarray | None = None
 
 
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    # numpy arrays pickle as ndarray + dtype + multiarray._reconstruct (protocol <= 4) or numeric._frombuffer
-    # (protocol 5), under numpy.core before numpy 2 and numpy._core after; scalars as multiarray.scalar; protocol <= 2
-    # spells raw bytes as _codecs.encode(str). Nothing else may be looked up, so no pickled callable can ever run.
-    _ALLOWED = frozenset({(f"numpy.{core}.{mod}", name) for core in ("core", "_core") for mod, name in
-                          (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))}
-                         | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")})
-
-    def find_class(self, module, name):
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name}: reference pickles may only hold dicts of "
-                                         "numpy arrays")
-        return super().find_class(module, name)
-
-
 def _entry(fields: dict, where: str) -> dict:
     out = {}
     for key, value in fields.items():
         if key in FIELDS:
+            # Arrays or numbers only: nested lists would let a pickle share one list many times over (memo).
+            if not isinstance(value, (np.ndarray, int, float)):
+                raise ValueError(f"{where}[{key!r}] is a {type(value).__name__}, not a numeric array.")
             out[key] = np.asarray(value, dtype=np.float64 if key != "features" else np.float32)
     if not out:
         raise ValueError(f"{where} holds none of {FIELDS}; it is not a reference-statistics file.")
@@ -65,8 +54,7 @@ def _entry(fields: dict, where: str) -> dict:
 
 
 def _load_npz(path: Path) -> Reference:
-    with np.load(path, allow_pickle=False) as z:
-        data = {k: z[k] for k in z.files}
+    data = load_npz(path)  # headers checked against the archive before any array is allocated
     if "meta" not in data:  # EDM / clean-fid layout: one Inception Gaussian
         return Reference(str(path), {"fid": _entry(data, str(path))}, {"fid": {"extractor": "inception",
                                                                                "inception_mode": "legacy_tensorflow"}})
@@ -75,17 +63,23 @@ def _load_npz(path: Path) -> Reference:
         name, _, field = key.rpartition(".")
         if name and field in FIELDS:
             entries.setdefault(name, {})[field] = value
-    return Reference(str(path), {k: _entry(v, f"{path}[{k}]") for k, v in entries.items()},
-                     json.loads(str(data["meta"])), data.get("labels"))
+    try:
+        meta = json.loads(str(data["meta"]))
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: its 'meta' entry is not JSON ({type(e).__name__}); write the file again with "
+                         "sida-ref-stats.") from None
+    labels = data.get("labels")
+    if not isinstance(meta, dict) or (labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu")):
+        raise ValueError(f"{path}: 'meta' must be a JSON object and 'labels' a 1-d integer array; write the file "
+                         "again with sida-ref-stats.")
+    return Reference(str(path), {k: _entry(v, f"{path}[{k}]") for k, v in entries.items()}, meta, labels)
 
 
 def _load_pkl(path: Path) -> Reference:
-    with open(path, "rb") as f:
-        try:
-            data = _ArraysOnlyUnpickler(io.BytesIO(f.read())).load()
-        except pickle.UnpicklingError as e:
-            raise ValueError(f"{path} is not a plain reference pickle ({e}); only EDM2-style dicts of numpy arrays "
-                             "are accepted, never pickled code.") from e
+    try:
+        data = load_arrays_pickle(path)
+    except ValueError as e:  # the message names the file and the problem
+        raise ValueError(f"{e} Reference pickles must be EDM2-style dicts of numpy arrays, never pickled code.") from e
     if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
         raise ValueError(f"{path} must hold a dict {{metric: {{'mu': array, 'sigma': array}}}} like EDM2's "
                          f"img512.pkl, got {type(data).__name__}.")

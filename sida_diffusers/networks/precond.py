@@ -181,7 +181,7 @@ class iDDPMPrecond(_EDMFamilyPrecond):
         self._build_model(img_resolution, img_channels, label_dim, model_type, model_kwargs)
         # u_{j-1} = sqrt((u_j^2 + 1) / max(alpha_bar(j-1) / alpha_bar(j), C_1) - 1), u_M = 0, in float32 as official.
         u = torch.zeros(M + 1)
-        for j in range(M, 0, -1):
+        for j in range(M, 0, -1) if not u.is_meta else ():  # on meta (shape checks before loading) nothing to compute
             u[j - 1] = ((u[j] ** 2 + 1) / (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=C_1) - 1).sqrt()
         self.register_buffer("u", u)
 

@@ -8,6 +8,8 @@ latent decode and the exact uint8 conversion, and Hub loading for our third-part
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -18,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.latents import decode_latents, pixels_to_uint8, unit_to_uint8
 from sida_diffusers.networks import Denoiser, one_hot
+from sida_diffusers.pipelines.loading import check_pipeline_folder
 from sida_diffusers.schedule import INIT_SIGMA
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
@@ -126,6 +129,23 @@ class EDMFamilyPipeline(DiffusionPipeline):
                                     "('owner/name'); check the path.") from None
         keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
         return snapshot_download(pretrained_model_name, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained` of a folder or Hub repo that holds only what this pipeline loads.
+
+        Before Diffusers reads the folder, `pipelines.loading.check_pipeline_folder` refuses other pipelines, custom
+        code and components other than this package's denoisers and `AutoencoderKL`, and checks each component's
+        config.json against its safetensors weights on the meta device; weights are read from safetensors only.
+        """
+        for option in ("custom_pipeline", "trust_remote_code"):
+            if kwargs.get(option):
+                raise ValueError(f"{option} is refused: sida_diffusers pipelines never import code from a folder.")
+        source = os.fspath(pretrained_model_name_or_path)
+        folder = Path(source if os.path.isdir(source) else cls.download(source, **kwargs))
+        check_pipeline_folder(cls, folder, passed=kwargs, variant=kwargs.get("variant"))
+        kwargs["use_safetensors"] = True  # never Diffusers' fallback to pickled .bin weights
+        return super().from_pretrained(str(folder), **kwargs)
 
     # ---- labels ------------------------------------------------------------------------------------------------
     def get_label_ids(self, label: Union[str, Sequence[str]]) -> list:

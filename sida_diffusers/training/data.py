@@ -11,9 +11,7 @@ becomes a `TrainingDataset` of uint8 CHW images (or float32 2CxHxW latent moment
 from __future__ import annotations
 
 import io
-import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -21,7 +19,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from sida_diffusers.bounded_io import read_npy
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, encode_latents  # noqa: F401 (re-exported)
+from sida_diffusers.training.image_files import MAX_CLASSES, Archive, archive_labels, image_array, open_image
 
 # ---- the dataset -----------------------------------------------------------------------------------------------------
 
@@ -82,6 +82,9 @@ class TrainingDataset(torch.utils.data.Dataset):
                 raise ValueError(f"{name}: labels must be one non-negative integer class index per item; got "
                                  f"{labels.dtype} of shape {list(labels.shape)}. Fix the label column / dataset.json, "
                                  f"or pass use_labels=False to train unconditionally.")
+            if labels.max() >= MAX_CLASSES:
+                raise ValueError(f"{name}: class index {int(labels.max())} is absurd (at most {MAX_CLASSES:,} classes "
+                                 "are supported); fix the labels, or pass use_labels=False.")
             self._labels = labels.astype(np.int64)
         self.label_dim = 0 if self._labels is None else max(int(self._labels.max()) + 1, len(self.id2label or {}))
 
@@ -139,32 +142,6 @@ class TrainingDataset(torch.utils.data.Dataset):
                 f"{self.label_dim})")
 
 
-# ---- images ----------------------------------------------------------------------------------------------------------
-
-def _image_array(image: PIL.Image.Image, resolution: Optional[int], where: str) -> np.ndarray:
-    """uint8 CHW of a PIL image: grey stays 1 channel, colour becomes RGB; square images resized if asked (bicubic)."""
-    if image.mode in ("1", "L", "LA", "I;16", "I", "F"):
-        if image.mode in ("I;16", "I", "F"):
-            raise ValueError(f"{where}: {image.mode} images (16-bit or float) are not supported; convert them to 8-bit "
-                             f"grey (L) or RGB first.")
-        image = image.convert("L")
-    elif image.mode != "RGB":
-        image = image.convert("RGB")
-    if resolution is not None and image.size != (resolution, resolution):
-        if image.size[0] != image.size[1]:
-            raise ValueError(f"{where}: image is {image.size[0]}x{image.size[1]}; only square images are resized to "
-                             f"resolution={resolution}. Center-crop the data first (e.g. EDM's dataset_tool.py).")
-        image = image.resize((resolution, resolution), PIL.Image.BICUBIC)
-    array = np.asarray(image, dtype=np.uint8)
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-
-
-def _open_image(data: bytes, resolution: Optional[int], where: str) -> np.ndarray:
-    try:
-        with PIL.Image.open(io.BytesIO(data)) as image:
-            return _image_array(image, resolution, where)
-    except (PIL.UnidentifiedImageError, OSError) as err:
-        raise ValueError(f"{where}: cannot read the image ({err}); remove or re-encode the file.") from err
 
 
 # ---- Hugging Face datasets -------------------------------------------------------------------------------------------
@@ -201,7 +178,7 @@ def _from_hf(ds, name, resolution, image_column, label_column, use_labels, max_s
             labels = np.asarray(ds.select_columns([label_column]).with_format("numpy")[label_column])
 
     images = ds.select_columns([image_column])
-    read = lambda rows: [_image_array(image, resolution, f"{name} row {i}")
+    read = lambda rows: [image_array(image, resolution, f"{name} row {i}")
                          for i, image in zip(rows, images[rows][image_column])]
     return TrainingDataset(name, read, [f"row {i}" for i in range(len(ds))], labels, id2label, False, resolution,
                            max_size, cache)
@@ -235,56 +212,8 @@ def _load_hf(source: str, cache_dir):
 
 # ---- image folders, EDM zips and EDM2 latents ------------------------------------------------------------------------
 
-class _Archive:
-    """A folder (walked recursively) or a zip, with '/'-separated relative file names."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        if path.is_dir():
-            self._zip = None
-            self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
-        else:
-            try:
-                self._zip = zipfile.ZipFile(path)
-            except zipfile.BadZipFile as err:
-                raise ValueError(f"{path} is not a readable zip ({err}); rebuild it with dataset_tool.py.") from err
-            self.names = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
-
-    def read(self, name: str) -> bytes:
-        return self._zip.read(name) if self._zip is not None else (self.path / name).read_bytes()
-
-
-def _archive_labels(archive: _Archive, files: list[str]):
-    """Class labels of ``files`` and their names: from dataset.json if present (EDM/EDM2), else class sub-folders."""
-    if "dataset.json" in archive.names:
-        try:
-            entries = json.loads(archive.read("dataset.json")).get("labels")
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ValueError(f"{archive.path}/dataset.json is not a JSON object with a 'labels' list ({err}); expected "
-                             f'{{"labels": [["file name", class index], ...]}} or {{"labels": null}}.') from err
-        if entries is None:
-            return None, None
-        table = {str(name).replace("\\", "/"): label for name, label in entries}
-        missing = [f for f in files if f not in table]
-        if missing:
-            raise ValueError(f"{archive.path}/dataset.json has no label for {len(missing)} file(s), e.g. "
-                             f"{missing[0]!r}; list every file in it, or set \"labels\": null for unlabeled data.")
-        labels = [table[f] for f in files]
-        if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
-            raise ValueError(f"{archive.path}/dataset.json: labels must be non-negative integer class indices.")
-        return np.asarray(labels, dtype=np.int64), None
-    classes = sorted({f.split("/")[0] if "/" in f else "" for f in files})
-    if len(classes) < 2:
-        return None, None
-    if "" in classes:
-        raise ValueError(f"{archive.path}: some images lie at the top level and others in sub-folders; put every image "
-                         f"in its class folder, or add a dataset.json with the labels.")
-    index = {c: i for i, c in enumerate(classes)}
-    return np.asarray([index[f.split("/")[0]] for f in files], dtype=np.int64), dict(enumerate(classes))
-
-
 def _from_archive(path: Path, resolution, use_labels, max_size, cache) -> TrainingDataset:
-    archive = _Archive(path)
+    archive = Archive(path)
     PIL.Image.init()
     images = [n for n in archive.names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION]
     latents = [n for n in archive.names if n.lower().endswith(".npy")]
@@ -294,16 +223,14 @@ def _from_archive(path: Path, resolution, use_labels, max_size, cache) -> Traini
     if not files:
         raise FileNotFoundError(f"{path} contains no image files ({', '.join(sorted(set(PIL.Image.EXTENSION))[:6])}, "
                                 f"...) and no img-mean-std-*.npy latents; point the source at the data itself.")
-    labels, id2label = _archive_labels(archive, files) if use_labels else (None, None)
+    labels, id2label = archive_labels(archive, files) if use_labels else (None, None)
 
     def read_one(i: int) -> np.ndarray:
         where = f"{path}/{files[i]}"
         if not latents:
-            return _open_image(archive.read(files[i]), resolution, where)
-        try:
-            return np.load(io.BytesIO(archive.read(files[i])), allow_pickle=False)
-        except ValueError as err:
-            raise ValueError(f"{where}: not a readable .npy array ({err}); re-encode the latents.") from err
+            return open_image(archive.read(files[i]), resolution, where)
+        data = archive.read(files[i])
+        return read_npy(io.BytesIO(data), len(data), where)  # its header is checked against the bytes it holds
 
     return TrainingDataset(str(path), lambda rows: [read_one(i) for i in rows], files, labels, id2label, bool(latents),
                            resolution, max_size,

@@ -1,0 +1,66 @@
+"""What a pipeline folder may make `from_pretrained` load: this package's denoisers and Diffusers' AutoencoderKL.
+
+Diffusers resolves each component of `model_index.json` by the library and class the file names, imports custom
+code a folder ships, and builds every network at the size its config.json asks for. A folder from the Hub is someone
+else's file, so before Diffusers reads it every entry is checked against an allow-list, and every component's
+config against the shapes its safetensors weights really hold, on the meta device (`sida_diffusers.model_files`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional
+
+from diffusers import AutoencoderKL
+
+from sida_diffusers.bounded_io import read_json
+from sida_diffusers.model_files import MAX_CONFIG_BYTES, check_model_folder, denoiser_classes
+
+__all__ = ["allowed_components", "check_pipeline_folder"]
+
+_ABSENT = (None, None)  # how model_index.json records an optional component that was not saved
+
+
+def allowed_components(name: str) -> dict:
+    """(library, class name) -> class that component `name` may name: the VAE is AutoencoderKL, the rest denoisers."""
+    if name == "vae":
+        return {("diffusers", "AutoencoderKL"): AutoencoderKL}
+    return {(cls.__module__, cls.__name__): cls for cls in denoiser_classes().values()}
+
+
+def _is_component_entry(entry) -> bool:
+    return isinstance(entry, (list, tuple)) and len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry)
+
+
+def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = (), variant: Optional[str] = None):
+    """Refuse a folder that names another pipeline, custom code, or components other than those of `pipeline_cls`
+    with allowed classes; check each component that will be loaded (not in `passed`) against its weights."""
+    index_file = folder / "model_index.json"
+    if not index_file.is_file():
+        raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by save_pretrained / "
+                                "export_pipeline, or its Hub repo id.")
+    index = read_json(index_file, max_bytes=MAX_CONFIG_BYTES)
+    class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(class_name, str):
+        raise ValueError(f"{index_file} does not name a pipeline class (or names custom pipeline code, which "
+                         "sida_diffusers never imports).")
+    if class_name != pipeline_cls.__name__:
+        raise ValueError(f"{index_file} describes a {class_name}, not a {pipeline_cls.__name__}; load it with "
+                         f"{class_name}.from_pretrained if it is one of ours.")
+    components, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    for name, entry in index.items():
+        if name.startswith("_") or (name not in components and not _is_component_entry(entry)):
+            continue  # bookkeeping and configuration values, which Diffusers passes to __init__ or ignores
+        if name not in components:
+            raise ValueError(f"{index_file} lists an unknown component {name!r} ({entry}); a {pipeline_cls.__name__} "
+                             f"has only {sorted(components)}. Remove the entry.")
+        if name in passed or tuple(entry or _ABSENT) == _ABSENT:
+            continue
+        allowed = allowed_components(name)
+        if not _is_component_entry(entry) or tuple(entry) not in allowed:
+            raise ValueError(f"{index_file}: component {name!r} is {entry}; sida_diffusers loads only "
+                             f"{sorted(allowed)} there and never imports other modules a folder names.")
+        if (folder / name / f"{entry[0]}.py").exists():  # Diffusers would import this file as the component's code
+            raise ValueError(f"{folder / name} ships code ({entry[0]}.py); sida_diffusers never imports code from a "
+                             "pipeline folder. Remove the file.")
+        check_model_folder(allowed[tuple(entry)], folder / name, variant)

@@ -158,7 +158,8 @@ def make_model_card(run_info: dict, repo_id: Optional[str] = None, grid_image: O
     lines += ["## Usage", "", "```python", usage_snippet(repo_id or "path/to/this/folder",
                                                           bool(run_info.get("label_dim"))), "```", "",
               "Pass `generator=[torch.Generator().manual_seed(s) for s in seeds]` for EDM-style per-seed "
-              "reproducibility and `output_type=\"np\"` for uint8 arrays.", "",
+              "reproducibility; `output_type=\"np\"` gives float32 arrays in [0, 1] (Diffusers' convention), "
+              "exactly EDM's uint8 image / 255.", "",
               "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in facts if v is not None]
     if method in ("sida", "sid2a"):

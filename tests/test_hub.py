@@ -12,7 +12,7 @@ from test_pipeline import tiny_edm, tiny_vae
 
 from sida_diffusers import hub
 from sida_diffusers.cli import export as export_cli
-from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
+from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
 
 torch.set_num_threads(1)
 
@@ -80,7 +80,7 @@ def test_export_writes_the_pipeline_grid_card_and_run_info(tmp_path):
     np.testing.assert_array_equal(loaded(class_labels="bird", generator=seed_generators([1]), output_type="np").images,
                                   pipe(class_labels=2, generator=seed_generators([1]), output_type="np").images)
     grid = np.asarray(PIL.Image.open(out / "samples_grid.png"))
-    first = pipe(generator=seed_generators([0]), output_type="np").images[0]
+    first = np_to_uint8(pipe(generator=seed_generators([0]), output_type="np").images[0])
     np.testing.assert_array_equal(grid[:8, :8], first)  # the grid shows seed 0 first
 
 

@@ -50,7 +50,7 @@ def make_sample_fn_factory(pipe, label_pool, device, steps=None):
     extra = {} if steps is None else {"num_inference_steps": steps}
 
     def make_sample_fn(first_seed):
-        from sida_diffusers.pipelines import seed_generators
+        from sida_diffusers.pipelines import np_to_uint8, seed_generators
 
         def sample_fn(start, count):
             seeds = range(first_seed + start, first_seed + start + count)
@@ -58,7 +58,7 @@ def make_sample_fn_factory(pipe, label_pool, device, steps=None):
                 int(label_pool[np.random.RandomState(s % (1 << 32)).randint(len(label_pool))]) for s in seeds]
             images = pipe(batch_size=count, class_labels=labels, generator=seed_generators(seeds, device),
                           output_type="np", **extra).images
-            return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+            return torch.from_numpy(np_to_uint8(images)).permute(0, 3, 1, 2)  # the suite scores uint8 images
 
         return sample_fn
 

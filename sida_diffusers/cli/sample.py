@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sida_diffusers.pipelines import EDMHeunPipeline, SiDAPipeline, image_grid, seed_generators, uint8_to_pil
+from sida_diffusers.pipelines import (EDMHeunPipeline, SiDAPipeline, image_grid, np_to_uint8, seed_generators,
+                                      uint8_to_pil)
 
 PIPELINES = {cls.__name__: cls for cls in (SiDAPipeline, EDMHeunPipeline)}
 GRID_SIZE = 64
@@ -89,10 +90,11 @@ def main(argv=None) -> int:
         out = pipe(batch_size=len(batch), class_labels=batch_labels, generator=seed_generators(batch, args.device),
                    output_type="np", **extra)
         nfe = getattr(out, "nfe", extra.get("num_inference_steps", 1))
+        batch_images = np_to_uint8(out.images)  # the files hold EDM's exact uint8 bytes
         if args.npz or args.grid:
-            kept.append(out.images if args.npz else out.images[: max(0, GRID_SIZE - sum(map(len, kept)))])
+            kept.append(batch_images if args.npz else batch_images[: max(0, GRID_SIZE - sum(map(len, kept)))])
         if outdir and not args.npz:
-            for seed, image in zip(batch, uint8_to_pil(out.images), strict=True):
+            for seed, image in zip(batch, uint8_to_pil(batch_images), strict=True):
                 image.save(outdir / f"{seed:06d}.png")
     images = np.concatenate(kept) if kept else None
     if outdir and args.npz:

@@ -56,6 +56,11 @@ def uint8_to_pil(images: np.ndarray) -> list:
     return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images]
 
 
+def np_to_uint8(images: np.ndarray) -> np.ndarray:
+    """The exact uint8 bytes behind an `output_type="np"` array (float32 in [0, 1], uint8 / 255): round(x * 255)."""
+    return np.round(np.asarray(images, dtype=np.float32) * 255).astype(np.uint8)
+
+
 def _as_generators(generator: GeneratorLike, batch_size: int):
     """Validate `generator`: None, one generator for the batch, or a list with one generator per image."""
     if generator is None or isinstance(generator, torch.Generator):
@@ -216,7 +221,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
         Pixel models (x in [-1, 1]): uint8 = (x*127.5 + 128).clamp(0, 255), truncated (ALGORITHM.md §2).
         Latent models: vae.decode((x - bias) / scale) is an image in [0, 1]; uint8 = clamp(0, 1)*255, truncated
-        (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel), "np" -> uint8 array [N, H, W, C],
+        (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel); "np" -> float32 array [N, H, W, C]
+        in [0, 1] as in Diffusers, equal to uint8 / 255 so that `np_to_uint8` (round(x*255)) gives EDM's bytes back;
         "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation.
         """
         if self.config.latent_scale is not None:
@@ -228,7 +234,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
         if output_type == "pt":
             return image
         array = uint8.permute(0, 2, 3, 1).cpu().numpy()
-        return array if output_type == "np" else uint8_to_pil(array)
+        # Diffusers' "np" is float in [0, 1]; dividing the quantised image keeps EDM's exact bytes recoverable.
+        return array.astype(np.float32) / 255 if output_type == "np" else uint8_to_pil(array)
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
@@ -292,8 +299,9 @@ class SiDAPipeline(EDMFamilyPipeline):
                 `init_sigma * latents`.
             num_inference_steps: 1 is the one-step generator. K > 1 re-noises with sigma_k = init_sigma (K-k)/K and
                 re-applies the generator (ALGORITHM.md §2 multistep option).
-            output_type: "pil", "np" (uint8 `[N, H, W, C]`, the exact EDM conversion) or "pt" (float `[N, C, H, W]`
-                in [0, 1], not quantised).
+            output_type: "pil", "np" (float32 `[N, H, W, C]` in [0, 1], Diffusers' convention: the exact EDM uint8
+                image / 255, so `np_to_uint8(images)` gives its bytes) or "pt" (float `[N, C, H, W]` in [0, 1], not
+                quantised).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
         """
         generator = self.check_common_inputs(batch_size, output_type, generator)

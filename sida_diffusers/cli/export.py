@@ -7,7 +7,6 @@ reference: anything `sida_diffusers.load_denoiser` reads).
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from sida_diffusers.checkpoints import load_denoiser
+from sida_diffusers.cli import CommandParser
 from sida_diffusers.hub import export_pipeline, push_to_hub
 
 
@@ -54,9 +54,8 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
     return generator, run_info, f"generator {src}"
 
 
-def main(argv=None) -> int:
-    """Export (and optionally push) a generator; `argv` defaults to the command line."""
-    parser = argparse.ArgumentParser(prog="sida-export", description=__doc__.splitlines()[0])
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="sida-export", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="checkpoint folder, trainer output dir, or official generator .pkl/URL/name")
     parser.add_argument("dst", help="output pipeline folder")
     parser.add_argument("--push-to-hub", metavar="REPO", help="then upload DST to this Hub repo (owner/name)")
@@ -71,6 +70,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-grid", action="store_true", help="skip the 64-image sample grid")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for the sample grid")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Export (and optionally push) a generator; `argv` defaults to the command line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     try:

@@ -6,7 +6,6 @@ only on its seed, never on the batch size or on which other seeds are generated.
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from sida_diffusers.cli import CommandParser
 from sida_diffusers.pipelines import (EDMHeunPipeline, SiDAPipeline, image_grid, np_to_uint8, seed_generators,
                                       uint8_to_pil)
 
@@ -47,9 +47,8 @@ def load_pipeline(src: str, device="cpu"):
     return PIPELINES[class_name].from_pretrained(str(folder)).to(device)
 
 
-def main(argv=None) -> int:
-    """Generate images for a list of seeds; `argv` defaults to the command line."""
-    parser = argparse.ArgumentParser(prog="sida-sample", description=__doc__.splitlines()[0])
+def build_parser() -> CommandParser:
+    parser = CommandParser(prog="sida-sample", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
     parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-49999 (default 0-63)")
     parser.add_argument("--outdir", help="where the PNGs named by seed (or samples.npz) go")
@@ -62,6 +61,12 @@ def main(argv=None) -> int:
                                                            "of PNGs")
     parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1 = one step; Heun: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Generate images for a list of seeds; `argv` defaults to the command line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.outdir and not args.grid:
         parser.error("nothing to write: pass --outdir DIR and/or --grid FILE.png")

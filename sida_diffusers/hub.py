@@ -16,6 +16,7 @@ from typing import Iterable, Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
+from sida_diffusers.evaluation import parse_result_key
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.networks import Denoiser
 from sida_diffusers.pipelines.pipeline_sida import (
@@ -74,23 +75,27 @@ def _hub_dataset(dataset: Optional[str]) -> Optional[str]:
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------
-def describe_metric(name: str, num_samples: Optional[int] = None) -> tuple:
-    """(metric type, honest display name) of a metric key such as 'fid50k_full', 'fid10k', 'fd_digits'.
+def describe_metric(key: str, num_samples: Optional[int] = None) -> tuple:
+    """(metric type, honest display name) of a metric result name, as `MetricSuite` writes them: 'fid_50k',
+    'fid_10k', 'fd_digits_1797', 'precision_50k' (`evaluation.parse_result_key`). A bare metric name ('fid') takes
+    its sample count from `num_samples`.
 
     Fewer than 50k samples makes an FID-style number a proxy, not comparable to published 50k values; FD-digits is
     always a proxy (a Fréchet distance in a small digits classifier's feature space, not FID).
     """
-    match = re.fullmatch(r"([a-z_]+?)(\d+)k(_full)?", name)
-    base, count = (match.group(1), int(match.group(2)) * 1000) if match else (name, num_samples)
-    display = METRIC_NAMES.get(base, name)
+    try:
+        metric, count = parse_result_key(key)
+    except ValueError:
+        metric, count = key, num_samples
+    display = METRIC_NAMES.get(metric, metric)
     notes = []
     if count:
         notes.append(f"{count:,} samples")
-    if base == "fd_digits":
+    if metric == "fd_digits":
         notes.append("proxy metric in a digits-classifier feature space, not FID")
-    elif base in ("fid", "fd_dinov2", "kid", "is") and count and count < 50_000:
+    elif metric in ("fid", "fd_dinov2", "kid", "is") and count and count < 50_000:
         notes.append("proxy, not comparable to 50k-sample values")
-    return base, display + (f" ({'; '.join(notes)})" if notes else "")
+    return metric, display + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _metric_rows(run_info: dict) -> list:

@@ -12,6 +12,7 @@ from test_pipeline import tiny_edm, tiny_vae
 
 from sida_diffusers import hub
 from sida_diffusers.cli import export as export_cli
+from sida_diffusers.evaluation import parse_result_key, result_keys
 from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
 
 torch.set_num_threads(1)
@@ -20,7 +21,7 @@ RUN_INFO = {"method": "sida", "alpha": 1.0, "teacher": "edm-cifar10-32x32-cond-v
             "kimg": 217.9, "cur_nimg": 217920, "train_batch_size": 32, "total_batch_size": 256, "num_processes": 8,
             "init_sigma": 2.5, "tmax": 800, "id2label": {"0": "airplane", "1": "automobile", "2": "bird"},
             "label_dim": 3, "resolution": 8, "channels": 3, "latent": False,
-            "metrics": {"fid50k_full": 1.436, "fid10k": 1.9}, "sampling": {}}
+            "metrics": {"fid_50k": 1.436, "fid_10k": 1.9}, "sampling": {}}
 
 
 def load_card(card, tmp_path):
@@ -65,6 +66,21 @@ def test_fd_digits_is_named_as_a_proxy_not_fid():
     assert hub.describe_metric("fd_digits") == ("fd_digits", "FD-digits (proxy metric in a digits-classifier "
                                                              "feature space, not FID)")
     assert hub.describe_metric("fid", num_samples=50000) == ("fid", "FID (50,000 samples)")
+
+
+def test_the_card_reads_metric_names_as_the_metric_suite_writes_them(tmp_path):
+    """The default digits run evaluates fd_digits on all 1,797 digits; the card must call it FD-digits, not FID."""
+    metrics = {key: 12.5 for name, count in (("fd_digits", 1797), ("fid", 50000), ("fid", 10000), ("pr", 50000))
+               for key in result_keys(name, count)}
+    assert sorted(metrics) == ["fd_digits_1797", "fid_10k", "fid_50k", "precision_50k", "recall_50k"]
+    assert [parse_result_key(key) for key in sorted(metrics)] == [
+        ("fd_digits", 1797), ("fid", 10000), ("fid", 50000), ("precision", 50000), ("recall", 50000)]
+    card = load_card(hub.make_model_card({"method": "sida", "teacher": "digits", "metrics": metrics}), tmp_path)
+    results = {r.metric_type: r.metric_name for r in card.data.eval_results if r.metric_type != "fid"}
+    assert results == {"fd_digits": "FD-digits (1,797 samples; proxy metric in a digits-classifier feature space, "
+                                    "not FID)",
+                       "precision": "Precision (50,000 samples)", "recall": "Recall (50,000 samples)"}
+    assert "| FD-digits (1,797 samples; proxy metric in a digits-classifier feature space, not FID) | 12.5 |" in card.text
 
 
 def test_export_writes_the_pipeline_grid_card_and_run_info(tmp_path):

@@ -42,6 +42,8 @@ def load_pipeline(src: str, device="cpu"):
         raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by export_pipeline / "
                                 "sida-export (or save_pretrained), or its Hub repo id.")
     class_name = json.loads(index.read_text()).get("_class_name")
+    if isinstance(class_name, list):  # [module, class] of a folder that also carries its standalone module
+        class_name = class_name[-1]
     if class_name not in PIPELINES:
         raise ValueError(f"{src} holds a {class_name}; sida-sample runs {sorted(PIPELINES)}.")
     return PIPELINES[class_name].from_pretrained(str(folder)).to(device)

@@ -18,6 +18,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.latents import decode_latents, pixels_to_uint8, unit_to_uint8
 from sida_diffusers.networks import Denoiser
+from sida_diffusers.pipelines.publishing import PublishingMixin
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
 # (ECOSYSTEM.md §1.3, `_get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
@@ -245,14 +246,15 @@ class EDMFamilyPipeline(DiffusionPipeline):
         return unet(z, sigma, labels, augment_labels=augment)
 
 
-class SiDAPipeline(EDMFamilyPipeline):
+class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
     r"""One-step generation with a generator distilled by SiD, SiDA or SiD²A.
 
     Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
     Config: `init_sigma` (2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
-    None for pixel models).
+    None for pixel models). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)` where this package is not installed, and keep their model card (`PublishingMixin`).
 
     ```py
     pipe = SiDAPipeline.from_pretrained("user/sida-cifar10-uncond", dtype=torch.float32).to("cuda")

@@ -1,0 +1,192 @@
+"""Saved SiDAPipeline folders load with plain Diffusers (remote code) where sida_diffusers is not installed, and with
+SiDAPipeline.from_pretrained, which resolves every class from the installed package and never runs the folder's code."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+from test_pipeline import ID2LABEL, tiny_edm, tiny_vae
+
+from sida_diffusers.networks import EDM2Precond
+from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
+from sida_diffusers.pipelines.standalone import STANDALONE_SOURCES, component_source, standalone_source
+
+torch.set_num_threads(1)
+SEEDS = [0, 1, 2, 3]
+
+
+def tiny_edm2(label_dim=4):
+    """A random EDM2Precond on 4x8x8 latents (SiDA's EDM2 generator has no logvar head)."""
+    torch.manual_seed(2)
+    return EDM2Precond(img_resolution=8, img_channels=4, label_dim=label_dim, model_channels=16, channel_mult=[1, 2],
+                       num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=0,
+                       use_fp16=False).eval()
+
+
+def pipelines():
+    return {
+        "edm-cond": SiDAPipeline(unet=tiny_edm(label_dim=3), id2label=ID2LABEL),
+        "edm2-latent": SiDAPipeline(unet=tiny_edm2(), vae=tiny_vae(), latent_scale=EDM2_LATENT_SCALE,
+                                    latent_bias=EDM2_LATENT_BIAS),
+    }
+
+
+# Each call: (class_labels, images drawn with one generator per seed). None labels are drawn from the generators.
+CALLS = {"edm-cond": [[0, 2, 1, 1], None], "edm2-latent": [None, [3, 0, 1, 2]]}
+
+
+def generate(pipe, name):
+    pipe.set_progress_bar_config(disable=True)
+    return [pipe(batch_size=len(SEEDS), class_labels=labels, generator=seed_generators(SEEDS),
+                 output_type="np").images for labels in CALLS[name]]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("saved")
+    for name, pipe in pipelines().items():
+        pipe.save_pretrained(root / name)
+    return root
+
+
+# ---- the layout and its source --------------------------------------------------------------------------------------
+def test_a_saved_folder_names_the_standalone_module_in_model_index(saved):
+    index = json.loads((saved / "edm2-latent" / "model_index.json").read_text())
+    assert index["_class_name"] == ["sida_standalone", "SiDAPipeline"]
+    assert index["unet"] == ["sida_unet", "EDM2Precond"] and index["vae"] == ["diffusers", "AutoencoderKL"]
+    source = standalone_source()  # regenerated now from the package: the folder holds exactly this
+    assert (saved / "edm2-latent" / "sida_standalone.py").read_text() == source
+    assert (saved / "edm2-latent" / "unet" / "sida_standalone.py").read_text() == source
+    assert (saved / "edm2-latent" / "unet" / "sida_unet.py").read_text() == component_source()
+
+
+def test_the_standalone_module_is_the_package_source_with_nothing_of_the_package_imported():
+    import ast
+    import inspect
+
+    source = standalone_source()
+    for module_name in STANDALONE_SOURCES:  # every definition of every inlined module, verbatim
+        module = importlib.import_module(module_name)
+        for name, obj in vars(module).items():
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and obj.__module__ == module_name:
+                assert inspect.getsource(obj) in source, f"{module_name}.{name}"
+    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
+                 if isinstance(node, ast.ImportFrom) and node.level == 0}
+    assert imported <= {"PIL", "diffusers", "huggingface_hub", "inspect", "math", "numpy", "torch", "typing",
+                        "__future__"}
+
+
+def test_the_hub_download_check_finds_the_component_module(saved):
+    """DiffusionPipeline.download refuses third-party component libraries unless {component}/{module}.py exists
+    (ECOSYSTEM.md §1.3, item 4); the Hub listing of a saved folder passes that check."""
+    from diffusers.pipelines.pipeline_loading_utils import _get_custom_components_and_folders
+
+    folder = saved / "edm-cond"
+    files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+    config = json.loads((folder / "model_index.json").read_text())
+    assert _get_custom_components_and_folders("me/sida", config, files)[0] == {"unet": "sida_unet"}
+
+
+def test_the_generated_module_makes_the_same_images_as_the_package(saved):
+    """The standalone classes, imported from the saved file, reproduce SiDAPipeline bit for bit."""
+    for name, pipe in pipelines().items():
+        spec = importlib.util.spec_from_file_location(f"standalone_{name.replace('-', '_')}",
+                                                      saved / name / "sida_standalone.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        unet = getattr(module, type(pipe.unet).__name__).from_pretrained(saved / name / "unet").eval()
+        copy = module.SiDAPipeline(unet=unet, vae=pipe.vae, **{k: pipe.config[k] for k in (
+            "init_sigma", "id2label", "latent_scale", "latent_bias")})
+        for ours, theirs in zip(generate(copy, name), generate(pipe, name)):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+# ---- loading with sida_diffusers --------------------------------------------------------------------------------------
+def test_sida_pipeline_never_runs_the_python_files_of_a_folder(saved, tmp_path):
+    folder = tmp_path / "poisoned"
+    pipelines()["edm-cond"].save_pretrained(folder)
+    marker = tmp_path / "executed"
+    poison = f"open({str(marker)!r}, 'w').close()\nraise RuntimeError('the folder code was executed')\n"
+    for path in folder.rglob("*.py"):
+        path.write_text(poison)
+    loaded = SiDAPipeline.from_pretrained(folder)
+    assert not marker.exists()
+    assert type(loaded.unet).__module__ == "sida_diffusers.networks.precond"
+    np.testing.assert_array_equal(generate(loaded, "edm-cond")[0], generate(pipelines()["edm-cond"], "edm-cond")[0])
+
+
+def test_folders_saved_before_the_standalone_module_still_load(tmp_path):
+    pipe = pipelines()["edm-cond"]
+    DiffusionPipeline.save_pretrained(pipe, tmp_path)  # Diffusers' own save: today's package-module layout
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "SiDAPipeline" and index["unet"] == ["sida_diffusers.networks.precond", "EDMPrecond"]
+    loaded = SiDAPipeline.from_pretrained(tmp_path)
+    for ours, theirs in zip(generate(loaded, "edm-cond"), generate(pipe, "edm-cond")):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_a_standalone_name_this_package_does_not_know_is_a_clear_error(saved, tmp_path):
+    import shutil
+
+    shutil.copytree(saved / "edm-cond", tmp_path / "future")
+    index = json.loads((tmp_path / "future" / "model_index.json").read_text())
+    index["unet"] = ["sida_unet", "EDM3Precond"]
+    (tmp_path / "future" / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"'EDM3Precond' .* no such denoiser .* trust_remote_code=True"):
+        SiDAPipeline.from_pretrained(tmp_path / "future")
+
+
+# ---- loading without sida_diffusers -----------------------------------------------------------------------------------
+REMOTE_SCRIPT = textwrap.dedent("""
+    import json, sys
+    sys.modules["sida_diffusers"] = None  # sida_diffusers is not importable in this process
+    try:
+        import sida_diffusers  # noqa: F401
+        raise SystemExit("sida_diffusers could be imported")
+    except ImportError:
+        pass
+    import numpy as np
+    import torch
+    from diffusers import DiffusionPipeline
+
+    root, calls, seeds = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    arrays, classes = {}, {}
+    for name, labels in calls.items():
+        pipe = DiffusionPipeline.from_pretrained(f"{root}/{name}", trust_remote_code=True)
+        pipe.set_progress_bar_config(disable=True)
+        classes[name] = [type(pipe).__module__, type(pipe.unet).__name__, type(pipe.vae).__name__]
+        for i, label in enumerate(labels):
+            generator = [torch.Generator().manual_seed(s) for s in seeds]
+            arrays[f"{name}/{i}"] = pipe(batch_size=len(seeds), class_labels=label, generator=generator,
+                                         output_type="np").images
+    np.savez(f"{root}/remote.npz", **arrays)
+    assert not [m for m in sys.modules if m.startswith("sida_diffusers.")]
+    print(json.dumps(classes))
+""")
+
+
+def test_plain_diffusers_loads_the_folder_without_sida_diffusers_and_makes_the_same_images(saved, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(saved), json.dumps(CALLS), json.dumps(SEEDS)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    classes = json.loads(run.stdout.strip().splitlines()[-1])
+    assert classes == {"edm-cond": ["diffusers_modules.local.sida_standalone", "EDMPrecond", "NoneType"],
+                       "edm2-latent": ["diffusers_modules.local.sida_standalone", "EDM2Precond", "AutoencoderKL"]}
+    assert "Expected types" not in run.stderr  # the pipeline and its unet share one Denoiser class
+    remote = np.load(saved / "remote.npz")
+    for name in CALLS:
+        ours = generate(SiDAPipeline.from_pretrained(saved / name), name)
+        for i, images in enumerate(ours):
+            assert remote[f"{name}/{i}"].dtype == np.float32
+            np.testing.assert_array_equal(remote[f"{name}/{i}"], images)

@@ -61,10 +61,10 @@ def test_a_saved_folder_names_the_standalone_module_in_model_index(saved):
     index = json.loads((saved / "edm2-latent" / "model_index.json").read_text())
     assert index["_class_name"] == ["sida_standalone", "SiDAPipeline"]
     assert index["unet"] == ["sida_unet", "EDM2Precond"] and index["vae"] == ["diffusers", "AutoencoderKL"]
-    source = standalone_source()  # regenerated now from the package: the folder holds exactly this
-    assert (saved / "edm2-latent" / "sida_standalone.py").read_text() == source
-    assert (saved / "edm2-latent" / "unet" / "sida_standalone.py").read_text() == source
+    # regenerated now from the package: the folder holds exactly this, once
+    assert (saved / "edm2-latent" / "sida_standalone.py").read_text() == standalone_source()
     assert (saved / "edm2-latent" / "unet" / "sida_unet.py").read_text() == component_source()
+    assert sorted(p.name for p in (saved / "edm2-latent").rglob("*.py")) == ["sida_standalone.py", "sida_unet.py"]
 
 
 def test_the_standalone_module_is_the_package_source_with_nothing_of_the_package_imported():
@@ -110,7 +110,7 @@ def test_the_generated_module_makes_the_same_images_as_the_package(saved):
             np.testing.assert_array_equal(ours, theirs)
 
 
-# ---- loading with sida_diffusers --------------------------------------------------------------------------------------
+# ---- loading with sida_diffusers -------------------------------------------------------------------------------------
 def test_sida_pipeline_never_runs_the_python_files_of_a_folder(saved, tmp_path):
     folder = tmp_path / "poisoned"
     pipelines()["edm-cond"].save_pretrained(folder)
@@ -145,9 +145,11 @@ def test_a_standalone_name_this_package_does_not_know_is_a_clear_error(saved, tm
         SiDAPipeline.from_pretrained(tmp_path / "future")
 
 
-# ---- loading without sida_diffusers -----------------------------------------------------------------------------------
+# ---- loading without sida_diffusers ----------------------------------------------------------------------------------
 REMOTE_SCRIPT = textwrap.dedent("""
-    import json, sys
+    import contextlib, fnmatch, json, shutil, sys, types
+    from pathlib import Path
+    from unittest import mock
     sys.modules["sida_diffusers"] = None  # sida_diffusers is not importable in this process
     try:
         import sida_diffusers  # noqa: F401
@@ -158,35 +160,77 @@ REMOTE_SCRIPT = textwrap.dedent("""
     import torch
     from diffusers import DiffusionPipeline
 
+    def as_hub_repo(folder, cache):
+        \"\"\"Serve `folder` as a Hub repo: Diffusers' own download logic picks the files, which land in `cache`.\"\"\"
+        files = sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file())
+        info = types.SimpleNamespace(siblings=[types.SimpleNamespace(rfilename=f) for f in files], sha="0" * 40)
+
+        def fetch(name):
+            (Path(cache) / name).parent.mkdir(parents=True, exist_ok=True)
+            return shutil.copyfile(Path(folder) / name, Path(cache) / name)
+
+        def hf_hub_download(repo_id, filename, subfolder=None, **kwargs):
+            return str(fetch(f"{subfolder}/{filename}" if subfolder else filename))
+
+        def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kwargs):
+            for f in files:
+                if any(fnmatch.fnmatch(f, p) for p in allow_patterns) and not any(
+                        fnmatch.fnmatch(f, p) for p in ignore_patterns or []):
+                    fetch(f)
+            return str(cache)
+
+        utils, dynamic = "diffusers.pipelines.pipeline_utils", "diffusers.utils.dynamic_modules_utils"
+        return [mock.patch(f"{utils}.model_info", return_value=info),
+                mock.patch(f"{dynamic}.model_info", return_value=info),
+                mock.patch(f"{utils}._resolve_revision", return_value=None),
+                mock.patch(f"{utils}.hf_hub_download", hf_hub_download),
+                mock.patch(f"{dynamic}.hf_hub_download", hf_hub_download),
+                mock.patch(f"{utils}.snapshot_download", snapshot_download)]
+
     root, calls, seeds = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
-    arrays, classes = {}, {}
+    arrays, report = {}, {}
     for name, labels in calls.items():
-        pipe = DiffusionPipeline.from_pretrained(f"{root}/{name}", trust_remote_code=True)
-        pipe.set_progress_bar_config(disable=True)
-        classes[name] = [type(pipe).__module__, type(pipe.unet).__name__, type(pipe.vae).__name__]
-        for i, label in enumerate(labels):
-            generator = [torch.Generator().manual_seed(s) for s in seeds]
-            arrays[f"{name}/{i}"] = pipe(batch_size=len(seeds), class_labels=label, generator=generator,
-                                         output_type="np").images
+        for where in ("folder", "hub"):
+            with contextlib.ExitStack() as stack:
+                if where == "hub":
+                    cache = Path(root) / "hub-cache" / name
+                    for patch in as_hub_repo(Path(root) / name, cache):
+                        stack.enter_context(patch)
+                pipe = DiffusionPipeline.from_pretrained(f"{root}/{name}" if where == "folder" else f"me/{name}",
+                                                         trust_remote_code=True)
+            pipe.set_progress_bar_config(disable=True)
+            report[f"{name}/{where}"] = [type(pipe).__module__, type(pipe.unet).__name__, type(pipe.vae).__name__]
+            for i, label in enumerate(labels):
+                generator = [torch.Generator().manual_seed(s) for s in seeds]
+                arrays[f"{name}/{where}/{i}"] = pipe(batch_size=len(seeds), class_labels=label, generator=generator,
+                                                     output_type="np").images
     np.savez(f"{root}/remote.npz", **arrays)
     assert not [m for m in sys.modules if m.startswith("sida_diffusers.")]
-    print(json.dumps(classes))
+    print(json.dumps(report))
 """)
 
 
-def test_plain_diffusers_loads_the_folder_without_sida_diffusers_and_makes_the_same_images(saved, tmp_path):
+def test_plain_diffusers_loads_the_folder_and_the_hub_repo_without_sida_diffusers_and_makes_the_same_images(
+        saved, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", REMOTE_SCRIPT, str(saved), json.dumps(CALLS), json.dumps(SEEDS)],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    classes = json.loads(run.stdout.strip().splitlines()[-1])
-    assert classes == {"edm-cond": ["diffusers_modules.local.sida_standalone", "EDMPrecond", "NoneType"],
-                       "edm2-latent": ["diffusers_modules.local.sida_standalone", "EDM2Precond", "AutoencoderKL"]}
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for where in ("folder", "hub"):
+        assert report[f"edm-cond/{where}"] == ["diffusers_modules.local.sida_standalone", "EDMPrecond", "NoneType"]
+        assert report[f"edm2-latent/{where}"] == ["diffusers_modules.local.sida_standalone", "EDM2Precond",
+                                                  "AutoencoderKL"]
     assert "Expected types" not in run.stderr  # the pipeline and its unet share one Denoiser class
+    fetched = sorted(p.relative_to(saved / "hub-cache" / "edm-cond").as_posix()
+                     for p in (saved / "hub-cache" / "edm-cond").rglob("*") if p.is_file())
+    assert fetched == ["model_index.json", "sida_standalone.py", "unet/config.json",  # what Diffusers downloads
+                       "unet/diffusion_pytorch_model.safetensors", "unet/sida_unet.py"]
     remote = np.load(saved / "remote.npz")
     for name in CALLS:
         ours = generate(SiDAPipeline.from_pretrained(saved / name), name)
         for i, images in enumerate(ours):
-            assert remote[f"{name}/{i}"].dtype == np.float32
-            np.testing.assert_array_equal(remote[f"{name}/{i}"], images)
+            for where in ("folder", "hub"):
+                assert remote[f"{name}/{where}/{i}"].dtype == np.float32
+                np.testing.assert_array_equal(remote[f"{name}/{where}/{i}"], images)

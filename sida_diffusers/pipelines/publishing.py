@@ -2,8 +2,8 @@
 the standalone module that lets plain Diffusers load it.
 
 `PublishingMixin` gives `SiDAPipeline`:
-* `save_pretrained`: Diffusers' folder, then the remote-code layout (ECOSYSTEM.md §1.3 (A)): `sida_standalone.py` at the
-  root and in `unet/` with `unet/sida_unet.py` (see `standalone`), named in `model_index.json`, so that
+* `save_pretrained`: Diffusers' folder, then the remote-code layout (ECOSYSTEM.md §1.3 (A)): `sida_standalone.py` at
+  the root and `unet/sida_unet.py` (see `standalone`), named in `model_index.json`, so that
   `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works without this package; then the pipeline's
   `model_card` (README.md), `sample_grid` (samples_grid.png) and `run_info` (run_info.json) when it has them.
 * `from_pretrained`: reads old folders (components named by their `sida_diffusers.*` module) and new ones alike. The
@@ -122,15 +122,13 @@ class PublishingMixin:
             self._upload(folder, repo_id, **hub_kwargs)
 
     def write_standalone_module(self, folder: Path) -> bool:
-        """Write `sida_standalone.py` to `folder` and `folder/unet` (with `unet/sida_unet.py`) and name them in
-        model_index.json. False (nothing written) when the unet's class is not one of the package's own, which the
-        standalone module could not build."""
+        """Write `sida_standalone.py` to `folder` and `unet/sida_unet.py` and name them in model_index.json. False
+        (nothing written) when the unet's class is not one of the package's own, which the standalone module could
+        not build."""
         unet_class = type(getattr(self.unet, "_orig_mod", self.unet))  # a torch.compile'd unet saves its module
         if unet_class.__module__ not in STANDALONE_SOURCES:
             return False
-        source = standalone_source()
-        for where in (folder, folder / "unet"):
-            (where / f"{STANDALONE_MODULE}.py").write_text(source, encoding="utf-8")
+        (folder / f"{STANDALONE_MODULE}.py").write_text(standalone_source(), encoding="utf-8")
         (folder / "unet" / f"{COMPONENT_MODULE}.py").write_text(component_source(), encoding="utf-8")
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())

@@ -3,8 +3,9 @@
 `export_pipeline` writes everything that is published (weights as safetensors, model_index.json, the standalone module
 that lets plain Diffusers load the folder, a sample grid, the README.md model card and run_info.json) through
 `SiDAPipeline.save_pretrained`, so a pipeline loaded from the folder saves and pushes the same files again.
-`push_to_hub` uploads the exported folder unchanged: what is pushed is what was saved and checked locally. The card
-is written from `run_info` (docs/ARCHITECTURE.md §3) by `sida_diffusers.model_card`.
+`push_to_hub` uploads the exported folder as it is (only a card exported without a repo id gets it in its usage
+snippets): what is pushed is what was saved and checked locally. The card is written from `run_info`
+(docs/ARCHITECTURE.md §3) by `sida_diffusers.model_card`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from sida_diffusers.model_card import (  # noqa: F401  (the card API is also rea
 )
 from sida_diffusers.networks import Denoiser
 from sida_diffusers.pipelines.pipeline_sida import SiDAPipeline, image_grid, seed_generators
-from sida_diffusers.pipelines.publishing import GRID_NAME
+from sida_diffusers.pipelines.publishing import CARD_NAME, GRID_NAME, REPO_PLACEHOLDER
 
 # A 16-32 px grid is a smudge on a model page: it is enlarged to at least this width, by an integer factor.
 GRID_MIN_WIDTH = 256
@@ -93,11 +94,15 @@ def export_pipeline(generator: Denoiser, out_dir: Union[str, os.PathLike], run_i
 
 def push_to_hub(folder: Union[str, os.PathLike], repo_id: str, private: bool = False, token: Optional[str] = None,
                 commit_message: str = "Upload SiDA one-step generator"):
-    """Create `repo_id` if needed and upload the exported `folder` as it is (training checkpoints excluded)."""
+    """Create `repo_id` if needed and upload the exported `folder` as it is (training checkpoints excluded); a card
+    exported before the repo id was known gets it in its usage snippets first."""
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"{folder} is not an exported pipeline folder (no model_index.json); run "
                                 "export_pipeline(...) or `sida-export SRC DST` first and push DST.")
+    card = folder / CARD_NAME
+    if card.is_file() and REPO_PLACEHOLDER in (text := card.read_text(encoding="utf-8")):
+        card.write_text(text.replace(REPO_PLACEHOLDER, repo_id), encoding="utf-8")
     create_repo(repo_id, private=private, token=token, exist_ok=True)
     return upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token,
                          ignore_patterns=HUB_IGNORE_PATTERNS)

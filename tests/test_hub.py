@@ -146,6 +146,8 @@ def test_push_to_hub_creates_the_repo_then_uploads_the_folder(tmp_path):
     kwargs = upload.call_args.kwargs
     assert kwargs["repo_id"] == "me/sida-tiny" and kwargs["folder_path"] == str(tmp_path)
     assert kwargs["token"] == "tok" and "checkpoint-*" in kwargs["ignore_patterns"]
+    card = (tmp_path / "README.md").read_text()  # exported without a repo id: the push names it in the snippets
+    assert 'SiDAPipeline.from_pretrained("me/sida-tiny")' in card and "path/to/this/folder" not in card
 
 
 def uploaded_files(folder_path, **kwargs):

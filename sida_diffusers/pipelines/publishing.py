@@ -24,9 +24,8 @@ from typing import Optional
 import PIL.Image
 from huggingface_hub import ModelCard, create_repo, upload_folder
 
-from sida_diffusers import networks
 from sida_diffusers.pipelines.standalone import (COMPONENT_MODULE, STANDALONE_MODULE, STANDALONE_SOURCES,
-                                                 component_source, standalone_source)
+                                                 component_source, denoiser_classes, standalone_source)
 
 GRID_NAME = "samples_grid.png"
 CARD_NAME = "README.md"
@@ -38,15 +37,13 @@ _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", 
 
 def package_denoiser_module(class_name: str) -> str:
     """The `sida_diffusers.networks.*` module that defines the denoiser `class_name` (e.g. 'EDMPrecond')."""
-    cls = getattr(networks, class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, networks.Denoiser)):
-        known = sorted(n for n in networks.__all__ if isinstance(getattr(networks, n), type)
-                       and issubclass(getattr(networks, n), networks.Denoiser) and n != "Denoiser")
-        raise ValueError(f"model_index.json names the component class {class_name!r} in {STANDALONE_MODULE}.py, but "
-                         f"this sida_diffusers has no such denoiser (it has {', '.join(known)}); upgrade "
+    classes = denoiser_classes()
+    if class_name not in classes:
+        raise ValueError(f"model_index.json names the denoiser class {class_name!r} of the folder's standalone module, "
+                         f"but this sida_diffusers has no such class (it has {', '.join(classes)}); upgrade "
                          "sida_diffusers, or load the folder with DiffusionPipeline.from_pretrained(folder, "
                          "trust_remote_code=True) to use the code shipped with it.")
-    return cls.__module__
+    return classes[class_name].__module__
 
 
 class PublishingMixin:

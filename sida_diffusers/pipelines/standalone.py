@@ -25,6 +25,7 @@ import importlib
 import inspect
 
 import sida_diffusers
+from sida_diffusers import networks
 
 STANDALONE_MODULE = "sida_standalone"
 COMPONENT_MODULE = "sida_unet"
@@ -64,13 +65,17 @@ from __future__ import annotations
 '''
 
 
+def denoiser_classes() -> dict:
+    """Name -> class of every public denoiser of the package: what a saved `unet` can be."""
+    return {name: getattr(networks, name) for name in sorted(networks.__all__)
+            if isinstance(getattr(networks, name), type) and issubclass(getattr(networks, name), networks.Denoiser)
+            and name != "Denoiser"}
+
+
 def component_source() -> str:
     """`sida_unet.py`: the denoiser classes of the pipeline module, for the `unet` entry of model_index.json."""
-    from sida_diffusers import networks
-
-    names = sorted(name for name in networks.__all__ if isinstance(getattr(networks, name), type)
-                   and issubclass(getattr(networks, name), networks.Denoiser) and name != "Denoiser")
-    return _COMPONENT.format(module=STANDALONE_MODULE, names="\n".join(f"{n} = _pipeline_module.{n}" for n in names))
+    names = "\n".join(f"{name} = _pipeline_module.{name}" for name in denoiser_classes())
+    return _COMPONENT.format(module=STANDALONE_MODULE, names=names)
 
 
 _COMPONENT = '''"""The `unet` of this pipeline. Its classes are those of {module}.py, the pipeline module at the root

@@ -21,9 +21,10 @@ import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
 from sida_diffusers.bounded_io import read_json
-from sida_diffusers.model_files import build_within, check_model_folder, check_shapes, denoiser_classes
-from sida_diffusers.networks import Denoiser, denoiser_from_official
+from sida_diffusers.model_files import build_within, check_model_folder, check_shapes
+from sida_diffusers.networks import Denoiser, denoiser_classes, denoiser_from_official
 from sida_diffusers.safe_pickle import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
+from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
 __all__ = [
     "KNOWN_CHECKPOINTS", "OfficialCheckpoint", "UnsafeCheckpointError",
@@ -53,6 +54,20 @@ KNOWN_CHECKPOINTS = {
     "edm2-img512-l": _EDM2 + "edm2-img512-l-1879048-0.085.pkl",
     "edm2-img512-xl": _EDM2 + "edm2-img512-xl-1342177-0.085.pkl",
     "edm2-img512-xxl": _EDM2 + "edm2-img512-xxl-0939524-0.070.pkl",
+    # The same files under the preset names of EDM2's generate_images.py, and its FD_DINOv2-optimal presets, which
+    # are other post-hoc EMA lengths of the same training runs.
+    "edm2-img512-xs-fid": _EDM2 + "edm2-img512-xs-2147483-0.135.pkl",
+    "edm2-img512-s-fid": _EDM2 + "edm2-img512-s-2147483-0.130.pkl",
+    "edm2-img512-m-fid": _EDM2 + "edm2-img512-m-2147483-0.100.pkl",
+    "edm2-img512-l-fid": _EDM2 + "edm2-img512-l-1879048-0.085.pkl",
+    "edm2-img512-xl-fid": _EDM2 + "edm2-img512-xl-1342177-0.085.pkl",
+    "edm2-img512-xxl-fid": _EDM2 + "edm2-img512-xxl-0939524-0.070.pkl",
+    "edm2-img512-xs-dino": _EDM2 + "edm2-img512-xs-2147483-0.200.pkl",
+    "edm2-img512-s-dino": _EDM2 + "edm2-img512-s-2147483-0.190.pkl",
+    "edm2-img512-m-dino": _EDM2 + "edm2-img512-m-2147483-0.155.pkl",
+    "edm2-img512-l-dino": _EDM2 + "edm2-img512-l-1879048-0.155.pkl",
+    "edm2-img512-xl-dino": _EDM2 + "edm2-img512-xl-1342177-0.155.pkl",
+    "edm2-img512-xxl-dino": _EDM2 + "edm2-img512-xxl-0939524-0.150.pkl",
     # SiD generators (§8.3); the AFHQ file is alpha=1.0 although the README says 1.2
     "sid-cifar10-uncond-alpha1.2": _SID + "cifar10-uncond/alpha1.2/network-snapshot-1.200000-403968.pkl",
     "sid-cifar10-cond-alpha1.2": _SID + "cifar10-cond/alpha1.2/network-snapshot-1.200000-713312.pkl",
@@ -263,7 +278,8 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
 
     `src`: a `Denoiser` (returned as is, moved to `device`/`dtype` if given), an official `.pkl` file, an http(s)
     URL of one (cached in `cache_dir`, `$SIDA_CACHE` or ~/.cache/sida_diffusers), a name in `KNOWN_CHECKPOINTS`, a
-    Diffusers model folder, or a Hub reference: `owner/repo`, `owner/repo:subfolder` or `owner/repo/path/file.pkl`.
+    shipped teacher ('digits', 'digits-uncond', as `--teacher`), a Diffusers model folder, or a Hub reference:
+    `owner/repo`, `owner/repo:subfolder` or `owner/repo/path/file.pkl`.
     `key` names the network entry of an official pickle. Official weights are loaded key for key (strict).
     """
     if isinstance(src, Denoiser):
@@ -271,7 +287,7 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"load_denoiser expects a path, URL, checkpoint name, repo id or Denoiser, got {type(src)}")
     name = os.fspath(src)
-    src = KNOWN_CHECKPOINTS.get(name, name)
+    src = os.fspath(shipped_teacher_path(name)) if name in SHIPPED_TEACHERS else KNOWN_CHECKPOINTS.get(name, name)
     path = Path(src).expanduser()
     if src.startswith(("http://", "https://")):
         model = _load_official(cached_download(src, cache_dir), key, src)
@@ -298,7 +314,7 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
         raise FileNotFoundError(
             f"{src!r} is not an existing file or folder, an http(s) URL, a known checkpoint name or a Hub repo id "
             f"('owner/repo', 'owner/repo:subfolder' or 'owner/repo/path/file.pkl'). Known names: "
-            f"{', '.join(sorted(KNOWN_CHECKPOINTS))}.")
+            f"{', '.join(sorted([*KNOWN_CHECKPOINTS, *SHIPPED_TEACHERS]))}.")
     return _move(model, device, dtype).eval()
 
 

@@ -19,8 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 
 from sida_diffusers.networks.precond import EDMPrecond
+from sida_diffusers.shipped import ASSETS_DIR, SHIPPED_TEACHERS
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DIGITS_ID2LABEL = {i: str(i) for i in range(10)}
 FD_DIGITS = "fd_digits"
 DIGITS_RESOLUTION = 16  # scikit-learn's 8x8 digits are upsampled to this by default
@@ -133,8 +133,8 @@ def _asset_dir(name: str, script: str) -> Path:
 
 
 def digits_teacher_path(conditional: bool = True) -> Path:
-    """Diffusers folder of the shipped digits teacher (a valid ``load_denoiser`` source)."""
-    return _asset_dir("digits_teacher_cond" if conditional else "digits_teacher_uncond", "train_teacher.py")
+    """Diffusers folder of the shipped digits teacher (``load_denoiser("digits")`` reads the same folder)."""
+    return _asset_dir(SHIPPED_TEACHERS["digits" if conditional else "digits-uncond"], "train_teacher.py")
 
 
 def load_digits_teacher(conditional: bool = True) -> EDMPrecond:

@@ -11,7 +11,6 @@ reading the data.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import math
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,9 +20,8 @@ from safetensors import SafetensorError, safe_open
 from torch.nn.modules import module as torch_module
 
 from sida_diffusers.bounded_io import read_json
-from sida_diffusers.networks import Denoiser
 
-__all__ = ["denoiser_classes", "build_within", "check_shapes", "safetensors_shapes", "check_model_folder"]
+__all__ = ["build_within", "check_shapes", "safetensors_shapes", "check_model_folder"]
 
 MAX_CONFIG_BYTES = 1 << 20  # a config.json of ours is ~1 kB
 
@@ -94,19 +92,6 @@ def check_shapes(model: torch.nn.Module, shapes: dict, label: str, hint: str) ->
     if problems:
         raise ValueError(f"{label}: its weights do not fit {type(model).__name__}({hint}): {', '.join(problems)}. "
                          "The weights were written by a different network definition or configuration.")
-
-
-def denoiser_classes() -> dict:
-    """Every public `Denoiser` subclass of the package, by class name."""
-    for module in ("precond", "precond_edm2"):  # where ARCHITECTURE.md puts the Denoiser subclasses
-        importlib.import_module(f"sida_diffusers.networks.{module}")
-    found, todo = {}, Denoiser.__subclasses__()
-    while todo:
-        cls = todo.pop()
-        todo += cls.__subclasses__()
-        if not cls.__name__.startswith("_"):  # private bases such as a shared EDM-family parent are not models
-            found[cls.__name__] = cls
-    return found
 
 
 # ---- Diffusers model folders -----------------------------------------------------------------------------------------

@@ -321,7 +321,7 @@ def test_a_denoiser_is_returned_as_is(official_pkl):
 
 
 def test_known_checkpoints_point_at_official_pickles():
-    assert len(KNOWN_CHECKPOINTS) == 5 + 6 + 5 + 15 + 18
+    assert len(KNOWN_CHECKPOINTS) == 5 + 6 + 12 + 5 + 15 + 18
     assert KNOWN_CHECKPOINTS["edm2-img512-xxl"] == ("https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
                                                     "edm2-img512-xxl-0939524-0.070.pkl")
     for name, where in KNOWN_CHECKPOINTS.items():
@@ -329,3 +329,26 @@ def test_known_checkpoints_point_at_official_pickles():
         if not where.startswith("https://nvlabs-fi-cdn.nvidia.com/"):
             repo_id, filename = checkpoints._split_hub_source(where)
             assert repo_id in ("UT-Austin-PML/SiD", "UT-Austin-PML/SiDA") and filename.endswith(".pkl"), name
+
+
+def test_edm2_teachers_answer_to_the_official_fid_and_dino_preset_names(official_pkl, tmp_path, monkeypatch):
+    urls = []
+
+    def fake_urlopen(url, timeout):
+        urls.append(url)
+        return io.BytesIO(official_pkl("edm2_latent_cond").read_bytes())
+    monkeypatch.setattr(checkpoints, "urlopen", fake_urlopen)
+    monkeypatch.setenv("SIDA_CACHE", str(tmp_path / "cache"))
+    for size in ("xs", "s", "m", "l", "xl", "xxl"):  # "-fid" is EDM2's name for the FID-optimal EMA we default to
+        assert KNOWN_CHECKPOINTS[f"edm2-img512-{size}-fid"] == KNOWN_CHECKPOINTS[f"edm2-img512-{size}"]
+    assert type(load_denoiser("edm2-img512-s-dino")).__name__ == "EDM2Precond"
+    assert urls == ["https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.190.pkl"]
+
+
+def test_shipped_digits_teachers_load_by_name_as_on_the_trainer_command_line():
+    from sida_diffusers.digits import load_digits_teacher
+
+    for name, conditional in (("digits", True), ("digits-uncond", False)):
+        by_name, shipped = load_denoiser(name), load_digits_teacher(conditional=conditional)
+        assert by_name.label_dim == shipped.label_dim == (10 if conditional else 0)
+        assert all(torch.equal(a, b) for a, b in zip(by_name.state_dict().values(), shipped.state_dict().values()))

@@ -46,14 +46,15 @@ def pipeline_dir(tmp_path):
 
 @pytest.fixture
 def call_log(monkeypatch):
-    """Records the class labels of every pipeline call."""
-    calls, original = [], SiDAPipeline.__call__
+    """Records the class indices every pipeline call generates with (however they were chosen)."""
+    calls, original = [], SiDAPipeline.prepare_class_labels
 
     def spy(self, *args, **kwargs):
-        calls.append(kwargs.get("class_labels"))
-        return original(self, *args, **kwargs)
+        labels = original(self, *args, **kwargs)
+        calls.append(None if labels is None else labels.argmax(1).tolist())
+        return labels
 
-    monkeypatch.setattr(SiDAPipeline, "__call__", spy)
+    monkeypatch.setattr(SiDAPipeline, "prepare_class_labels", spy)
     return calls
 
 

@@ -17,7 +17,8 @@ import torch
 from sida_diffusers.evaluation import (BestTracker, DINOv2Features, InceptionFeatures, MetricSuite,
                                        append_metrics_jsonl, evaluate_repeats, feature_statistics, frechet_distance,
                                        inception_score, kernel_inception_distance, load_reference, plot_metric_curve,
-                                       precision_recall, register_feature_metric, result_keys, save_reference)
+                                       parse_result_key, precision_recall, register_feature_metric, result_keys,
+                                       save_reference)
 
 RES = 8
 
@@ -255,6 +256,21 @@ def test_metric_suite_scores_a_custom_extractor_with_honest_names(tmp_path):
     assert list(near_fd) == ["fd_toy_300"] == list(result_keys("fd_toy", 300))
     assert near_fd["fd_toy_300"] < 0.05 < far_fd["fd_toy_300"]
     assert close.calls == [(0, 64), (64, 64), (128, 64), (192, 64), (256, 44)]
+
+
+@pytest.mark.parametrize("metric", ["fid", "is", "kid", "fd_dinov2", "fd_digits", "fd_toy"])
+@pytest.mark.parametrize("count", [50000, 10000, 2000, 1797, 300])
+def test_result_names_parse_back_to_their_metric_and_sample_count(metric, count):
+    (key,) = result_keys(metric, count)
+    assert parse_result_key(key) == (metric, count)
+    precision, recall = result_keys("pr", count)
+    assert parse_result_key(precision) == ("precision", count) and parse_result_key(recall) == ("recall", count)
+
+
+@pytest.mark.parametrize("name", ["fid", "fid50k_full", "fd_digits", "FID_50k", "fid_50m"])
+def test_names_the_suite_never_writes_are_refused(name):
+    with pytest.raises(ValueError, match="is not a metric result name"):
+        parse_result_key(name)
 
 
 def test_metric_suite_runs_fid_is_kid_and_pr_through_the_inception_path(tmp_path, tiny_inception_pt):

@@ -12,14 +12,15 @@ from test_pipeline import tiny_edm, tiny_vae
 
 from sida_diffusers import hub
 from sida_diffusers.cli import export as export_cli
-from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
+from sida_diffusers.evaluation import parse_result_key, result_keys
+from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
 
 
 RUN_INFO = {"method": "sida", "alpha": 1.0, "teacher": "edm-cifar10-32x32-cond-vp", "dataset": "cifar10-32x32.zip",
             "kimg": 217.9, "cur_nimg": 217920, "train_batch_size": 32, "total_batch_size": 256, "num_processes": 8,
             "init_sigma": 2.5, "tmax": 800, "id2label": {"0": "airplane", "1": "automobile", "2": "bird"},
             "label_dim": 3, "resolution": 8, "channels": 3, "latent": False,
-            "metrics": {"fid50k_full": 1.436, "fid10k": 1.9}, "sampling": {}}
+            "metrics": {"fid_50k": 1.436, "fid_10k": 1.9}, "sampling": {}}
 
 
 def load_card(card, tmp_path):
@@ -44,6 +45,31 @@ def test_model_card_carries_hub_metadata_and_honest_metric_names(tmp_path):
     assert "| alpha | 1.0 |" in text and "| training images | 217.9 kimg |" in text
 
 
+def test_model_card_shows_both_loaders_the_teacher_beside_the_student_and_the_training_settings(tmp_path):
+    run_info = {**RUN_INFO, "lr": 2e-5, "glr": 1e-5, "ema_halflife_kimg": 500, "warmup_kimg": 100,
+                "adversarial_start_kimg": 200, "dropout": 0.1, "teacher_metrics": {"fid_50k": 1.79}, "teacher_nfe": 35}
+    card = load_card(hub.make_model_card(run_info, repo_id="me/sida-c10"), tmp_path)
+    text = card.text
+    assert "pip install sida_diffusers" in text
+    assert 'SiDAPipeline.from_pretrained("me/sida-c10")' in text
+    assert 'DiffusionPipeline.from_pretrained("me/sida-c10", trust_remote_code=True)' in text
+    assert "| metric | this model (1 NFE) | teacher (35 NFE) |" in text
+    assert "| FID (50,000 samples) | 1.436 | 1.79 |" in text
+    assert "| FID (10,000 samples; proxy, not comparable to 50k-sample values) | 1.9 | — |" in text
+    for row in ("| learning rate, fake score / discriminator | 2e-05 |", "| learning rate, generator | 1e-05 |",
+                "| EMA half-life (kimg) | 500 |", "| generator warm-up (kimg) | 100 |",
+                "| adversarial loss from (kimg) | 200 |", "| dropout | 0.1 |", "| batch per GPU | 32 |"):
+        assert row in text
+    assert "@inproceedings{zhou2025sida" in text and "Zhou, Mingyuan and Zheng, Huangjie and Gu, Yi and Wang, " \
+                                                     "Zhendong and Huang, Hai" in text
+    assert {r.metric_value for r in card.data.eval_results} == {1.436, 1.9}  # the model-index is the student's
+
+
+def test_model_card_leaves_out_settings_an_older_run_did_not_record(tmp_path):
+    card = load_card(hub.make_model_card({"method": "sid", "teacher": "digits", "alpha": 1.2}), tmp_path)
+    assert "| alpha | 1.2 |" in card.text and "learning rate" not in card.text and "teacher (" not in card.text
+
+
 @pytest.mark.parametrize("teacher, license, base_model", [
     ("digits", "apache-2.0", None),
     ("https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-xs-2147483-0.135.pkl",
@@ -66,12 +92,28 @@ def test_fd_digits_is_named_as_a_proxy_not_fid():
     assert hub.describe_metric("fid", num_samples=50000) == ("fid", "FID (50,000 samples)")
 
 
+def test_the_card_reads_metric_names_as_the_metric_suite_writes_them(tmp_path):
+    """The default digits run evaluates fd_digits on all 1,797 digits; the card must call it FD-digits, not FID."""
+    metrics = {key: 12.5 for name, count in (("fd_digits", 1797), ("fid", 50000), ("fid", 10000), ("pr", 50000))
+               for key in result_keys(name, count)}
+    assert sorted(metrics) == ["fd_digits_1797", "fid_10k", "fid_50k", "precision_50k", "recall_50k"]
+    assert [parse_result_key(key) for key in sorted(metrics)] == [
+        ("fd_digits", 1797), ("fid", 10000), ("fid", 50000), ("precision", 50000), ("recall", 50000)]
+    card = load_card(hub.make_model_card({"method": "sida", "teacher": "digits", "metrics": metrics}), tmp_path)
+    results = {r.metric_type: r.metric_name for r in card.data.eval_results if r.metric_type != "fid"}
+    assert results == {"fd_digits": "FD-digits (1,797 samples; proxy metric in a digits-classifier feature space, "
+                                    "not FID)",
+                       "precision": "Precision (50,000 samples)", "recall": "Recall (50,000 samples)"}
+    row = "| FD-digits (1,797 samples; proxy metric in a digits-classifier feature space, not FID) | 12.5 |"
+    assert row in card.text
+
+
 def test_export_writes_the_pipeline_grid_card_and_run_info(tmp_path):
     generator = tiny_edm(label_dim=3)
     pipe = hub.export_pipeline(generator, tmp_path / "out", RUN_INFO, grid_seeds=range(6))
     out = tmp_path / "out"
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file() and (out / "model_index.json").is_file()
-    assert PIL.Image.open(out / "samples_grid.png").size == (24, 16)  # 6 images of 8x8 -> 3 x 2
+    assert PIL.Image.open(out / "samples_grid.png").size == (24 * 11, 16 * 11)  # 6 images of 8x8 -> 3 x 2, >= 256 wide
     assert "![samples from the one-step generator](samples_grid.png)" in (out / "README.md").read_text()
     assert json.loads((out / "run_info.json").read_text())["kimg"] == 217.9
     assert pipe.config.id2label == {0: "airplane", 1: "automobile", 2: "bird"}
@@ -79,8 +121,9 @@ def test_export_writes_the_pipeline_grid_card_and_run_info(tmp_path):
     np.testing.assert_array_equal(loaded(class_labels="bird", generator=seed_generators([1]), output_type="np").images,
                                   pipe(class_labels=2, generator=seed_generators([1]), output_type="np").images)
     grid = np.asarray(PIL.Image.open(out / "samples_grid.png"))
-    first = pipe(generator=seed_generators([0]), output_type="np").images[0]
-    np.testing.assert_array_equal(grid[:8, :8], first)  # the grid shows seed 0 first
+    first = np_to_uint8(pipe(generator=seed_generators([0]), output_type="np").images[0])
+    np.testing.assert_array_equal(grid[:88:11, :88:11], first)  # seed 0 first, each pixel an 11x11 block
+    np.testing.assert_array_equal(grid[:88, :88], first.repeat(11, axis=0).repeat(11, axis=1))
 
 
 def test_export_of_a_latent_run_uses_the_edm2_latent_config_and_needs_a_vae(tmp_path):
@@ -90,7 +133,7 @@ def test_export_of_a_latent_run_uses_the_edm2_latent_config_and_needs_a_vae(tmp_
     pipe = hub.export_pipeline(tiny_edm(channels=4, augment_dim=0), tmp_path / "latent", run_info, vae=tiny_vae(),
                                grid_seeds=range(2))
     assert pipe.config.latent_scale == EDM2_LATENT_SCALE.tolist()
-    assert PIL.Image.open(tmp_path / "latent" / "samples_grid.png").size == (32, 16)
+    assert PIL.Image.open(tmp_path / "latent" / "samples_grid.png").size == (32 * 8, 16 * 8)
 
 
 def test_push_to_hub_creates_the_repo_then_uploads_the_folder(tmp_path):
@@ -102,6 +145,43 @@ def test_push_to_hub_creates_the_repo_then_uploads_the_folder(tmp_path):
     kwargs = upload.call_args.kwargs
     assert kwargs["repo_id"] == "me/sida-tiny" and kwargs["folder_path"] == str(tmp_path)
     assert kwargs["token"] == "tok" and "checkpoint-*" in kwargs["ignore_patterns"]
+    card = (tmp_path / "README.md").read_text()  # exported without a repo id: the push names it in the snippets
+    assert 'SiDAPipeline.from_pretrained("me/sida-tiny")' in card and "path/to/this/folder" not in card
+
+
+def uploaded_files(folder_path, **kwargs):
+    """Stands in for huggingface_hub.upload_folder: what would have been uploaded, read before the folder is gone."""
+    from pathlib import Path
+
+    return {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+
+
+def test_pipeline_push_to_hub_uploads_the_package_card_grid_and_standalone_module(tmp_path):
+    exported = hub.export_pipeline(tiny_edm(label_dim=3), tmp_path / "out", RUN_INFO, grid_seeds=range(4))
+    pipe = SiDAPipeline.from_pretrained(tmp_path / "out")  # the card, grid and run_info come back with the pipeline
+    assert pipe.model_card.data.library_name == "diffusers" and pipe.run_info["kimg"] == 217.9
+    with mock.patch("sida_diffusers.pipelines.publishing.create_repo") as create, \
+            mock.patch("sida_diffusers.pipelines.publishing.upload_folder",
+                       side_effect=lambda **kw: uploaded_files(**kw)) as upload:
+        create.return_value.repo_id = "me/sida-tiny"
+        files = pipe.push_to_hub("me/sida-tiny", private=True)
+    create.assert_called_once_with("me/sida-tiny", private=True, token=None, exist_ok=True)
+    assert upload.call_args.kwargs["repo_id"] == "me/sida-tiny"
+    assert files["samples_grid.png"] == (tmp_path / "out" / "samples_grid.png").read_bytes()
+    assert {"model_index.json", "sida_standalone.py", "unet/sida_unet.py", "run_info.json"} <= set(files)
+    (tmp_path / "README.md").write_bytes(files["README.md"])
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.tags == ["sida", "one-step", "distillation", "edm"]
+    assert card.data.license == "cc-by-nc-sa-4.0" and "## Citation" in card.text
+    assert 'SiDAPipeline.from_pretrained("me/sida-tiny")' in card.text  # the repo id replaces the placeholder
+    assert "path/to/this/folder" in str(exported.model_card)
+
+
+def test_save_pretrained_of_a_loaded_pipeline_keeps_its_card_and_grid(tmp_path):
+    hub.export_pipeline(tiny_edm(), tmp_path / "out", {"method": "sid", "teacher": "digits"}, grid_seeds=range(2))
+    SiDAPipeline.from_pretrained(tmp_path / "out").save_pretrained(tmp_path / "again")
+    for name in ("README.md", "samples_grid.png", "run_info.json", "sida_standalone.py"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
 
 
 def test_push_to_hub_refuses_a_folder_that_was_not_exported(tmp_path):

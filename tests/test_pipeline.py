@@ -10,7 +10,7 @@ from diffusers import AutoencoderKL
 
 from sida_diffusers.cli import sample as sample_cli
 from sida_diffusers.networks.precond import EDMPrecond
-from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
+from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
 
 ID2LABEL = {0: "zero, nought", 1: "one", 2: "two"}
 
@@ -55,6 +55,11 @@ def edm_uint8(x):
     return (x.double() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def edm_np(x):
+    """What output_type="np" holds for generator output x: EDM's uint8 image / 255 as float32 (Diffusers' range)."""
+    return edm_uint8(x).astype(np.float32) / 255
+
+
 def test_one_step_output_is_generator_at_init_sigma_with_edm_per_seed_noise():
     net = tiny_edm()
     pipe = make_pipe(unet=net)
@@ -63,7 +68,7 @@ def test_one_step_output_is_generator_at_init_sigma_with_edm_per_seed_noise():
     eps = torch.stack([torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(s)) for s in (3, 4)])
     with torch.no_grad():
         x = net(2.5 * eps, torch.full([2, 1, 1, 1], 2.5), None, augment_labels=torch.zeros(2, 9))
-    np.testing.assert_array_equal(images, edm_uint8(x))
+    np.testing.assert_array_equal(images, edm_np(x))
 
 
 def test_per_seed_images_do_not_depend_on_batch_composition(cond_pipe):
@@ -110,17 +115,31 @@ def test_output_types_shapes_dtypes_and_ranges(output_type):
     images = pipe(batch_size=3, generator=torch.manual_seed(0), output_type=output_type).images
     if output_type == "pil":
         assert len(images) == 3 and images[0].mode == "RGB" and images[0].size == (8, 8)
-    elif output_type == "np":
-        assert images.dtype == np.uint8 and images.shape == (3, 8, 8, 3)
+    elif output_type == "np":  # Diffusers' convention: float32 in [0, 1], NHWC
+        assert images.dtype == np.float32 and images.shape == (3, 8, 8, 3)
+        assert images.min() >= 0 and images.max() <= 1
     else:
         assert images.dtype == torch.float32 and images.shape == (3, 3, 8, 8)
         assert images.min() >= 0 and images.max() <= 1
 
 
+def test_np_output_is_edm_bytes_over_255_and_rounds_back_to_the_pil_image():
+    pipe = make_pipe(unet=tiny_edm())
+    arrays = pipe(batch_size=3, generator=seed_generators([0, 1, 2]), output_type="np").images
+    pils = pipe(batch_size=3, generator=seed_generators([0, 1, 2]), output_type="pil").images
+    uint8 = np.stack([np.asarray(image) for image in pils])
+    np.testing.assert_array_equal(arrays, uint8.astype(np.float32) / 255)
+    np.testing.assert_array_equal(np.round(arrays * 255).astype(np.uint8), uint8)  # EDM's exact bytes come back
+    np.testing.assert_array_equal(np_to_uint8(arrays), uint8)
+    assert [np.asarray(im).tolist() for im in pipe.numpy_to_pil(arrays)] == [u.tolist() for u in uint8]
+    every_byte = np.arange(256, dtype=np.uint8)  # the round trip holds for all 256 values, not just these images
+    np.testing.assert_array_equal(np_to_uint8(every_byte.astype(np.float32) / 255), every_byte)
+
+
 def test_pt_output_is_the_unquantised_version_of_the_uint8_output():
     pipe = make_pipe(unet=tiny_edm())
     pt = pipe(batch_size=2, generator=seed_generators([0, 1]), output_type="pt").images
-    uint8 = pipe(batch_size=2, generator=seed_generators([0, 1]), output_type="np").images
+    uint8 = np_to_uint8(pipe(batch_size=2, generator=seed_generators([0, 1]), output_type="np").images)
     # x*127.5 + 128 == pt*255 + 0.5, so truncation of one is rounding of the other
     expected = np.floor(pt.permute(0, 2, 3, 1).double().numpy() * 255 + 0.5).clip(0, 255)
     assert np.abs(expected - uint8).max() <= 1
@@ -152,20 +171,21 @@ def test_multistep_renoises_at_decreasing_sigmas_and_reapplies_the_generator():
         for k in (1, 2):  # sigma_k = init_sigma (K - k) / K  (ALGORITHM.md §2)
             sigma_k = 2.5 * (3 - k) / 3
             x = net(x + sigma_k * torch.randn(2, 3, 8, 8, generator=g), sigma_k)
-    np.testing.assert_array_equal(images, edm_uint8(x))
+    np.testing.assert_array_equal(images, edm_np(x))
 
 
 def test_latent_model_is_decoded_through_the_vae_in_the_edm2_convention():
     net, vae = tiny_edm(channels=4, augment_dim=0), tiny_vae()
     pipe = make_pipe(unet=net, vae=vae, latent_scale=EDM2_LATENT_SCALE, latent_bias=EDM2_LATENT_BIAS)
     images = pipe(batch_size=2, generator=seed_generators([0, 1]), output_type="np").images
-    assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32
     eps = torch.stack([torch.randn([4, 8, 8], generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
     scale = EDM2_LATENT_SCALE.reshape(1, 4, 1, 1)
     bias = EDM2_LATENT_BIAS.reshape(1, 4, 1, 1)
     with torch.no_grad():  # ALGORITHM.md §6.1: (x - bias) / scale -> decode -> clamp(0, 1) * 255 -> uint8
         decoded = vae.decode((net(2.5 * eps, 2.5) - bias) / scale).sample
-    np.testing.assert_array_equal(images, (decoded.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy())
+    uint8 = (decoded.clamp(0, 1) * 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(images, uint8.astype(np.float32) / 255)
     np.testing.assert_allclose(EDM2_LATENT_SCALE, [0.119904, 0.108225, 0.134771, 0.152439], atol=1e-6)
     np.testing.assert_allclose(EDM2_LATENT_BIAS, [-0.696643, -0.351732, -0.016173, 0.327744], atol=1e-6)
 
@@ -253,7 +273,7 @@ def test_sida_sample_writes_pngs_named_by_seed_independent_of_batch_size(tmp_pat
     for name in names:
         np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "b2" / name)),
                                       np.asarray(PIL.Image.open(tmp_path / "b3" / name)))
-    expected = cond_pipe(batch_size=1, generator=seed_generators([3]), output_type="np").images[0]
+    expected = np_to_uint8(cond_pipe(batch_size=1, generator=seed_generators([3]), output_type="np").images[0])
     np.testing.assert_array_equal(np.asarray(PIL.Image.open(tmp_path / "b2" / "000003.png")), expected)
 
 
@@ -266,8 +286,25 @@ def test_sida_sample_npz_grid_and_class_names(tmp_path, cond_pipe):
     assert data["arr_0"].shape == (5, 8, 8, 3) and data["seeds"].tolist() == [0, 1, 2, 3, 7]
     expected = cond_pipe(batch_size=5, class_labels=[2, 1, 2, 1, 2], generator=seed_generators([0, 1, 2, 3, 7]),
                          output_type="np").images
-    np.testing.assert_array_equal(data["arr_0"], expected)
+    np.testing.assert_array_equal(data["arr_0"], np_to_uint8(expected))
     assert PIL.Image.open(tmp_path / "grid.png").size == (24, 16)  # 5 images -> 3 columns x 2 rows of 8x8
+
+
+def test_sida_sample_files_are_edm_uint8_bytes_of_the_generator(tmp_path):
+    """The PNGs and the npz hold exactly EDM's uint8 conversion of G(init_sigma * eps), whatever "np" returns."""
+    net = tiny_edm()
+    make_pipe(unet=net).save_pretrained(tmp_path / "pipe")
+    for extra in ([], ["--npz"]):
+        assert sample_cli.main([str(tmp_path / "pipe"), "--seeds", "4-6", "--outdir", str(tmp_path / "out"),
+                                "--device", "cpu", *extra]) == 0
+    eps = torch.stack([torch.randn([3, 8, 8], generator=torch.Generator().manual_seed(s)) for s in (4, 5, 6)])
+    with torch.no_grad():
+        expected = edm_uint8(net(2.5 * eps, 2.5, augment_labels=torch.zeros(3, 9)))
+    npz = np.load(tmp_path / "out" / "samples.npz")
+    assert npz["arr_0"].dtype == np.uint8
+    np.testing.assert_array_equal(npz["arr_0"], expected)
+    pngs = np.stack([np.asarray(PIL.Image.open(tmp_path / "out" / f"{s:06d}.png")) for s in (4, 5, 6)])
+    np.testing.assert_array_equal(pngs, expected)
 
 
 def test_sida_sample_rejects_bad_seeds_and_unknown_folders(tmp_path, capsys):

@@ -23,14 +23,19 @@ torch.save(nets, f"{trainer.output_dir}/params_rank{trainer.accelerator.process_
 
 
 @pytest.mark.slow
-def test_two_processes_finish_with_identical_parameters_on_every_rank(tmp_path):
+@pytest.mark.parametrize("cpu_flag", [["--cpu"], []], ids=["--cpu", "no flag on a machine without a GPU"])
+def test_two_processes_finish_with_identical_parameters_on_every_rank(tmp_path, cpu_flag):
+    # Without --cpu and without a GPU, torchrun's two processes still form one gloo run, never two independent
+    # trainings writing one output folder.
+    if not cpu_flag and torch.cuda.is_available():
+        pytest.skip("the no-flag case is about machines without a GPU")
     tiny_teacher().save_pretrained(tmp_path / "teacher")
     (tmp_path / "train.py").write_text(SCRIPT)
     out = tmp_path / "run"
     flags = ["--teacher", str(tmp_path / "teacher"), "--method", "sida", "--train_data", "digits", "--resolution", "8",
              "--train_batch_size", "4", "--total_batch_size", "16", "--warmup_kimg", "0", "--adversarial_start_kimg",
              "0.016", "--max_train_kimg", "0.048", "--checkpointing_kimg", "1", "--log_every_kimg", "0.016",
-             "--lr", "1e-3", "--glr", "1e-3", "--sample_grid_size", "0", "--seed", "3", "--cpu", "--output_dir", str(out)]
+             "--lr", "1e-3", "--glr", "1e-3", "--sample_grid_size", "0", "--seed", "3", *cpu_flag, "--output_dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(tmp_path / "train.py"), *flags], env=env, capture_output=True, text=True, timeout=240)

@@ -58,9 +58,10 @@ def trained_on_digits(src: str) -> bool:
     """True for a pipeline folder exported from a run on the embedded digits data (its run_info.json says so)."""
     info = Path(src) / "run_info.json"
     try:
-        return info.is_file() and json.loads(info.read_text()).get("dataset") == "digits"
+        data = read_json(info) if info.is_file() else None
     except (ValueError, OSError):
         return False
+    return isinstance(data, dict) and data.get("dataset") == "digits"
 
 
 def image_shape(pipe) -> tuple:
@@ -78,8 +79,7 @@ def format_table(results: dict) -> str:
                      for k, v in results.items())
 
 
-def main(argv=None) -> int:
-    """Evaluate a pipeline; `argv` defaults to the command line."""
+def build_parser() -> CommandParser:
     register_digits_metric()  # fd_digits is always available by name on the command line
     parser = CommandParser(prog="sida-eval", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
@@ -87,20 +87,26 @@ def main(argv=None) -> int:
                                                          "or a registered custom metric (default fid)")
     parser.add_argument("--ref", help="reference: EDM .npz, EDM2 .pkl, cleanfid:NAME/RES/SPLIT, a URL, or a "
                                       "sida-ref-stats .npz (not needed for is alone)")
-    parser.add_argument("--num-samples", "--num_samples", type=int, default=50000, help="images per run (50000 = "
+    parser.add_argument("--num-samples", type=int, default=50000, help="images per run (50000 = "
                                                                                        "the paper's protocol)")
     parser.add_argument("--repeats", type=int, default=10, help="independent runs of fresh samples (default 10)")
-    parser.add_argument("--seeds-start", "--seeds_start", type=int, default=0, help="first seed of the first run")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=64, help="images per generator call")
+    parser.add_argument("--seeds-start", type=int, default=0, help="first seed of the first run")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per generator call")
     parser.add_argument("--labels", help="dataset class labels to draw from (.npy, .npz or EDM dataset.json)")
     parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: clean-fid's /tmp copy, "
                                             "downloaded if online)")
-    parser.add_argument("--inception-mode", "--inception_mode", default="legacy_tensorflow",
+    parser.add_argument("--inception-mode", default="legacy_tensorflow",
                         choices=("legacy_tensorflow", "clean"), help="legacy_tensorflow matches EDM/SiD numbers")
     parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id for fd_dinov2 (default facebook/dinov2-large)")
     parser.add_argument("--steps", type=int, help="num_inference_steps passed to the pipeline")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the results as JSON here")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Evaluate a pipeline; `argv` defaults to the command line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.fail(f"--repeats must be >= 1, got {args.repeats}")

@@ -16,6 +16,7 @@ from sida_diffusers.bounded_io import read_json
 from sida_diffusers.checkpoints import load_denoiser
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.hub import export_pipeline, push_to_hub
+from sida_diffusers.schedule import INIT_SIGMA
 
 
 def latest_checkpoint(folder: Path) -> Path:
@@ -50,14 +51,13 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
             raise ValueError(f"{ckpt / 'run_info.json'} holds no JSON object; the checkpoint is damaged.")
         return load_denoiser(ckpt / "generator_ema"), run_info, f"checkpoint {ckpt}"
     generator = load_denoiser(src)
-    run_info = {"method": method or _guess_method(src), "teacher": teacher, "source": src, "init_sigma": 2.5,
+    run_info = {"method": method or _guess_method(src), "teacher": teacher, "source": src, "init_sigma": INIT_SIGMA,
                 "label_dim": generator.label_dim, "resolution": generator.img_resolution,
                 "channels": generator.img_channels, "latent": type(generator).__name__ == "EDM2Precond"}
     return generator, run_info, f"generator {src}"
 
 
-def main(argv=None) -> int:
-    """Export (and optionally push) a generator; `argv` defaults to the command line."""
+def build_parser() -> CommandParser:
     parser = CommandParser(prog="sida-export", description=__doc__.splitlines()[0])
     parser.add_argument("src", help="checkpoint folder, trainer output dir, or official generator .pkl/URL/name")
     parser.add_argument("dst", help="output pipeline folder")
@@ -73,6 +73,12 @@ def main(argv=None) -> int:
     parser.add_argument("--no-grid", action="store_true", help="skip the 64-image sample grid")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for the sample grid")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Export (and optionally push) a generator; `argv` defaults to the command line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     parser.check_writable_folder("DST", args.dst)
 

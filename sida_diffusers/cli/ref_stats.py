@@ -16,8 +16,7 @@ from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, save_reference
 
 
-def main(argv=None) -> int:
-    """Compute and write reference statistics; `argv` defaults to the command line."""
+def build_parser() -> CommandParser:
     register_digits_metric()  # fd_digits is always available by name on the command line
     parser = CommandParser(prog="sida-ref-stats", description=__doc__.splitlines()[0])
     parser.add_argument("data", help="dataset source (anything build_dataset reads, e.g. an image folder)")
@@ -25,15 +24,21 @@ def main(argv=None) -> int:
     parser.add_argument("--metrics", default="fid", help=f"comma-separated, from {', '.join(available_metrics())} "
                                                          "or a registered custom metric (default fid)")
     parser.add_argument("--features", action="store_true", help="also store raw features (needed by kid and pr)")
-    parser.add_argument("--max-images", "--max_images", type=int, help="use only the first N images (default all)")
+    parser.add_argument("--max-images", type=int, help="use only the first N images (default all)")
     parser.add_argument("--resolution", type=int, help="resolution passed to build_dataset")
-    parser.add_argument("--batch-size", "--batch_size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: clean-fid's /tmp copy)")
-    parser.add_argument("--inception-mode", "--inception_mode", default="legacy_tensorflow",
+    parser.add_argument("--inception-mode", default="legacy_tensorflow",
                         choices=("legacy_tensorflow", "clean"))
     parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id (default facebook/dinov2-large)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Compute and write reference statistics; `argv` defaults to the command line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.out.endswith(".npz"):
         parser.fail(f"OUT must end in .npz, got {args.out}")

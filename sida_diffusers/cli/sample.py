@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from sida_diffusers.bounded_io import read_json
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
-from sida_diffusers.pipelines import EDMHeunPipeline, SiDAPipeline, image_grid, seed_generators, uint8_to_pil
+from sida_diffusers.pipelines import (EDMHeunPipeline, SiDAPipeline, image_grid, np_to_uint8, seed_generators,
+                                      uint8_to_pil)
 
 PIPELINES = {cls.__name__: cls for cls in (SiDAPipeline, EDMHeunPipeline)}
 GRID_SIZE = 64
@@ -43,6 +44,8 @@ def load_pipeline(src: str, device="cpu"):
                                 "sida-export (or save_pretrained), or its Hub repo id.")
     index = read_json(index)
     class_name = index.get("_class_name") if isinstance(index, dict) else None
+    if isinstance(class_name, list) and class_name:  # [module, class] of a folder that carries its standalone module
+        class_name = class_name[-1]
     if not isinstance(class_name, str) or class_name not in PIPELINES:
         raise ValueError(f"{src} holds a {class_name}; sida-sample runs {sorted(PIPELINES)}.")
     shown = diffusers_logging.is_progress_bar_enabled()
@@ -54,8 +57,7 @@ def load_pipeline(src: str, device="cpu"):
             diffusers_logging.enable_progress_bar()
 
 
-def main(argv=None) -> int:
-    """Generate images for a list of seeds; `argv` defaults to the command line."""
+def build_parser() -> CommandParser:
     parser = CommandParser(prog="sida-sample", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
     parser.add_argument("--seeds", type=parse_seeds, default=parse_seeds("0-63"), help="e.g. 0-49999 (default 0-63)")
@@ -69,6 +71,12 @@ def main(argv=None) -> int:
                                                            "of PNGs")
     parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1 = one step; Heun: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return parser
+
+
+def main(argv=None) -> int:
+    """Generate images for a list of seeds; `argv` defaults to the command line."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not args.outdir and not args.grid:
         parser.fail("nothing to write: pass --outdir DIR and/or --grid FILE.png")
@@ -106,13 +114,16 @@ def main(argv=None) -> int:
     for start in tqdm(range(0, len(seeds), args.batch_size), unit="batch"):
         batch = seeds[start:start + args.batch_size]
         batch_labels = None if labels is None else [labels[(start + j) % len(labels)] for j in range(len(batch))]
-        out = pipe(batch_size=len(batch), class_labels=batch_labels, generator=seed_generators(batch, args.device),
+        # CPU generators, as `generate_uint8` (sida-eval, the trainer) uses: an image depends on its seed alone,
+        # whatever the device
+        out = pipe(batch_size=len(batch), class_labels=batch_labels, generator=seed_generators(batch),
                    output_type="np", **extra)
         nfe = getattr(out, "nfe", extra.get("num_inference_steps", 1))
+        batch_images = np_to_uint8(out.images)  # the files hold EDM's exact uint8 bytes
         if args.npz or args.grid:
-            kept.append(out.images if args.npz else out.images[: max(0, GRID_SIZE - sum(map(len, kept)))])
+            kept.append(batch_images if args.npz else batch_images[: max(0, GRID_SIZE - sum(map(len, kept)))])
         if outdir and not args.npz:
-            for seed, image in zip(batch, uint8_to_pil(out.images), strict=True):
+            for seed, image in zip(batch, uint8_to_pil(batch_images), strict=True):
                 image.save(outdir / f"{seed:06d}.png")
     images = np.concatenate(kept) if kept else None
     if outdir and args.npz:

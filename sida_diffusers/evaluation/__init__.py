@@ -5,12 +5,13 @@ from sida_diffusers.evaluation.references import Reference, load_reference, save
 from sida_diffusers.evaluation.stats import (feature_statistics, frechet_distance, inception_score,
                                              kernel_inception_distance, precision_recall)
 from sida_diffusers.evaluation.suite import (MetricSuite, available_metrics, count_tag, evaluate_repeats,
-                                             pipeline_sample_fn, register_feature_metric, result_keys)
+                                             parse_result_key, pipeline_sample_fn, register_feature_metric,
+                                             result_keys)
 from sida_diffusers.evaluation.tracking import BestTracker, append_metrics_jsonl, plot_metric_curve
 
 __all__ = [
     "BestTracker", "DINOv2Features", "InceptionFeatures", "MetricSuite", "Reference", "append_metrics_jsonl",
     "available_metrics", "count_tag", "evaluate_repeats", "feature_statistics", "frechet_distance", "inception_score",
-    "kernel_inception_distance", "load_reference", "pipeline_sample_fn", "plot_metric_curve", "precision_recall", "register_feature_metric",
-    "resolve_inception_path", "result_keys", "save_reference", "to_rgb",
+    "kernel_inception_distance", "load_reference", "parse_result_key", "pipeline_sample_fn", "plot_metric_curve",
+    "precision_recall", "register_feature_metric", "resolve_inception_path", "result_keys", "save_reference", "to_rgb",
 ]

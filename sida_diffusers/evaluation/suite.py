@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Callable
 
 import numpy as np
@@ -71,6 +72,18 @@ def result_keys(metric: str, num_samples: int) -> tuple[str, ...]:
     """Names under which ``MetricSuite.evaluate`` reports ``metric``: ``('fid_10k',)``, or precision and recall."""
     tag = count_tag(num_samples)
     return (f"precision_{tag}", f"recall_{tag}") if metric == "pr" else (f"{metric}_{tag}",)
+
+
+def parse_result_key(key: str) -> tuple[str, int]:
+    """The inverse of ``result_keys``: ``'fid_50k' -> ('fid', 50000)``, ``'fd_digits_1797' -> ('fd_digits', 1797)``,
+    ``'precision_10k' -> ('precision', 10000)``. Model cards, run summaries and plots read result names with this,
+    so a name is parsed the way the suite wrote it. Raises ValueError for anything else."""
+    match = re.fullmatch(r"([a-z][a-z0-9_]*?)_(\d+)(k?)", key)
+    if match is None:
+        raise ValueError(f"{key!r} is not a metric result name; MetricSuite reports '{{metric}}_{{count}}', e.g. "
+                         "'fid_50k' or 'fd_digits_1797'.")
+    metric, number, thousands = match.groups()
+    return metric, int(number) * (1000 if thousands else 1)
 
 
 class MetricSuite:

@@ -8,7 +8,7 @@ from sida_diffusers.networks.precond_edm2 import EDM2Precond
 
 __all__ = [
     "Denoiser", "DhariwalUNet", "EDM2Precond", "EDMPrecond", "RETURN_FLAGS", "SongUNet", "UNetBlock", "VEPrecond",
-    "VPPrecond", "denoiser_from_official", "edm_preconditioning", "iDDPMPrecond", "normalize_mpconv_weights_",
+    "VPPrecond", "denoiser_classes", "denoiser_from_official", "edm_preconditioning", "iDDPMPrecond", "normalize_mpconv_weights_",
     "one_hot",
 ]
 
@@ -27,6 +27,12 @@ _OFFICIAL_CLASSES = {
 }
 # Constructor options of the SiDA wrappers that only steer training-time weight handling.
 _TRAINING_ONLY_KWARGS = ("force_normalization", "use_gan")
+
+
+def denoiser_classes() -> dict:
+    """Name -> class of every public denoiser of the package: what a saved model folder may name."""
+    return {name: obj for name, obj in sorted(globals().items())
+            if name in __all__ and isinstance(obj, type) and issubclass(obj, Denoiser) and obj is not Denoiser}
 
 
 def denoiser_from_official(class_name: str, init_kwargs: dict) -> Denoiser:

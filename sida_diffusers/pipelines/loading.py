@@ -14,7 +14,10 @@ from typing import Iterable, Optional
 from diffusers import AutoencoderKL
 
 from sida_diffusers.bounded_io import read_json
-from sida_diffusers.model_files import MAX_CONFIG_BYTES, check_model_folder, denoiser_classes
+from sida_diffusers.model_files import MAX_CONFIG_BYTES, check_model_folder
+from sida_diffusers.networks import denoiser_classes
+from sida_diffusers.pipelines.publishing import PublishingMixin, package_denoiser_module
+from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
 
 __all__ = ["allowed_components", "check_pipeline_folder"]
 
@@ -41,6 +44,9 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
                                 "export_pipeline, or its Hub repo id.")
     index = read_json(index_file, max_bytes=MAX_CONFIG_BYTES)
     class_name = index.get("_class_name") if isinstance(index, dict) else None
+    remote_layout = issubclass(pipeline_cls, PublishingMixin)  # its load_config maps the remote-code entries
+    if remote_layout and _is_component_entry(class_name) and class_name[0] == STANDALONE_MODULE:
+        class_name = class_name[1]  # the remote-code layout save_pretrained writes; its module is never imported here
     if not isinstance(class_name, str):
         raise ValueError(f"{index_file} does not name a pipeline class (or names custom pipeline code, which "
                          "sida_diffusers never imports).")
@@ -57,6 +63,9 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
         if name in passed or tuple(entry or _ABSENT) == _ABSENT:
             continue
         allowed = allowed_components(name)
+        standalone = remote_layout and _is_component_entry(entry) and entry[0] == COMPONENT_MODULE
+        if standalone:  # ["sida_unet", "EDMPrecond"]: load_config maps it to the installed class, the file stays unread
+            entry = (package_denoiser_module(entry[1]), entry[1])
         if not _is_component_entry(entry) or tuple(entry) not in allowed:
             raise ValueError(f"{index_file}: component {name!r} is {entry}; sida_diffusers loads only "
                              f"{sorted(allowed)} there and never imports other modules a folder names.")

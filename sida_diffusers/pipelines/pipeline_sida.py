@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from sida_diffusers.latents import decode_latents, pixels_to_uint8, unit_to_uint8
 from sida_diffusers.networks import Denoiser, one_hot
 from sida_diffusers.pipelines.loading import check_pipeline_folder
+from sida_diffusers.pipelines.publishing import PublishingMixin
 from sida_diffusers.schedule import INIT_SIGMA
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
@@ -71,6 +72,11 @@ def image_grid(images: Sequence[PIL.Image.Image], cols: Optional[int] = None) ->
 def uint8_to_pil(images: np.ndarray) -> list:
     """uint8 images [N, H, W, C] -> PIL images ("L" for one channel, "RGB" for three)."""
     return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images]
+
+
+def np_to_uint8(images: np.ndarray) -> np.ndarray:
+    """The exact uint8 bytes behind an `output_type="np"` array (float32 in [0, 1], uint8 / 255): round(x * 255)."""
+    return np.round(np.asarray(images, dtype=np.float32) * 255).astype(np.uint8)
 
 
 def _as_generators(generator: GeneratorLike, batch_size: int):
@@ -173,7 +179,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         label_dim = self.unet.label_dim
         if label_dim == 0:
             if class_labels is not None or label_pool is not None:
-                raise ValueError("this model is unconditional (label_dim=0) but class labels were given; pass None.")
+                raise ValueError("this model is unconditional (label_dim=0) but class_labels were given; pass None.")
             return None
         if class_labels is None:
             pool = None if label_pool is None else check_label_pool(label_pool, label_dim)
@@ -241,10 +247,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
             labels = None if class_labels is None else class_labels[i:i + batch_size]
             images = self(batch_size=len(part), class_labels=labels, label_pool=label_pool,
                           generator=seed_generators(part), output_type="np", **call_kwargs)[0]
-            images = np.asarray(images)
-            if images.dtype != np.uint8:  # "np" is uint8 / 255 in float32: rounding recovers the exact bytes
-                images = np.round(images * 255).astype(np.uint8)
-            chunks.append(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2))
+            chunks.append(torch.from_numpy(np_to_uint8(images)).permute(0, 3, 1, 2))  # EDM's exact bytes
         return torch.cat(chunks)
 
     # ---- noise -------------------------------------------------------------------------------------------------
@@ -283,7 +286,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
         Pixel models (x in [-1, 1]): uint8 = (x*127.5 + 128).clamp(0, 255), truncated (ALGORITHM.md §2).
         Latent models: vae.decode((x - bias) / scale) is an image in [0, 1]; uint8 = clamp(0, 1)*255, truncated
-        (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel), "np" -> uint8 array [N, H, W, C],
+        (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel); "np" -> float32 array [N, H, W, C]
+        in [0, 1] as in Diffusers, equal to uint8 / 255 so that `np_to_uint8` (round(x*255)) gives EDM's bytes back;
         "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation.
         """
         if self.config.latent_scale is not None:
@@ -295,7 +299,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
         if output_type == "pt":
             return image
         array = uint8.permute(0, 2, 3, 1).cpu().numpy()
-        return array if output_type == "np" else uint8_to_pil(array)
+        # Diffusers' "np" is float in [0, 1]; dividing the quantised image keeps EDM's exact bytes recoverable.
+        return array.astype(np.float32) / 255 if output_type == "np" else uint8_to_pil(array)
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
@@ -305,14 +310,15 @@ class EDMFamilyPipeline(DiffusionPipeline):
         return unet(z, sigma, labels, augment_labels=augment)
 
 
-class SiDAPipeline(EDMFamilyPipeline):
+class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
     r"""One-step generation with a generator distilled by SiD, SiDA or SiD²A.
 
     Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
     Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
-    None for pixel models).
+    None for pixel models). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
+    trust_remote_code=True)` where this package is not installed, and keep their model card (`PublishingMixin`).
 
     ```py
     pipe = SiDAPipeline.from_pretrained("user/sida-cifar10-uncond", dtype=torch.float32).to("cuda")
@@ -360,8 +366,9 @@ class SiDAPipeline(EDMFamilyPipeline):
                 `init_sigma * latents`.
             num_inference_steps: 1 is the one-step generator. K > 1 re-noises with sigma_k = init_sigma (K-k)/K and
                 re-applies the generator (ALGORITHM.md §2 multistep option).
-            output_type: "pil", "np" (uint8 `[N, H, W, C]`, the exact EDM conversion) or "pt" (float `[N, C, H, W]`
-                in [0, 1], not quantised).
+            output_type: "pil", "np" (float32 `[N, H, W, C]` in [0, 1], Diffusers' convention: the exact EDM uint8
+                image / 255, so `np_to_uint8(images)` gives its bytes) or "pt" (float `[N, C, H, W]` in [0, 1], not
+                quantised).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             label_pool: with `class_labels=None`, draw each image's label from these class labels (e.g. the training
                 set's, as the paper's evaluation does) instead of uniformly over the classes.

@@ -21,6 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sida_diffusers.bounded_io import read_json
+
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_JSON = "training_state.json"
 STATE_TENSORS = "training_state.safetensors"
@@ -178,14 +180,7 @@ def load_state(folder: Path) -> dict:
     for path in (json_path, tensor_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing; the checkpoint {folder} is incomplete, resume from another one.")
-    if json_path.stat().st_size > MAX_STATE_JSON_BYTES:
-        raise ValueError(f"{json_path} is {json_path.stat().st_size:,} bytes, far more than a training state; it was "
-                         "not written by sida_diffusers.")
-    try:
-        skeleton = json.loads(json_path.read_text())
-    except (ValueError, RecursionError) as error:
-        raise ValueError(f"{json_path} is not a valid training state ({type(error).__name__}: {error}); the "
-                         "checkpoint is damaged, resume from another one.") from None
+    skeleton = read_json(json_path, max_bytes=MAX_STATE_JSON_BYTES)  # refuses oversized or over-nested JSON
     try:
         tensors = load_file(str(tensor_path))
     except (SafetensorError, OSError, ValueError) as error:
@@ -208,7 +203,7 @@ def read_model_weights(folder: Path) -> dict:
         if single.is_file():
             return load_file(str(single))
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(read_json(index)["weight_map"].values()))
             if any(Path(name).name != name for name in shards):
                 raise ValueError(f"{index} names shards outside its folder")
             return {k: v for name in shards for k, v in load_file(str(folder / name)).items()}

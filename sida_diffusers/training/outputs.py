@@ -136,7 +136,8 @@ def log_record(accelerator, path: Path, record: dict, cur_nimg: int) -> None:
 # ---- run description, curves, export ----------------------------------------------------------------------------------
 
 def run_info(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_batch_size: int, num_processes: int,
-             seed: int, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> dict:
+             seed: int, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None,
+             teacher_nfe: Optional[int] = None) -> dict:
     """The run description shared by checkpoints, the export and the model card (docs/ARCHITECTURE.md §3)."""
     return {"method": cfg.method, "alpha": cfg.alpha, "teacher": cfg.teacher, "dataset": cfg.train_data,
             "kimg": cur_nimg / 1000, "cur_nimg": cur_nimg, "train_batch_size": cfg.train_batch_size,
@@ -149,6 +150,7 @@ def run_info(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_
             "label_dim": teacher.label_dim, "resolution": teacher.img_resolution, "channels": teacher.img_channels,
             "latent": type(teacher).__name__ == "EDM2Precond", "metrics": dict(metrics or {}),
             "teacher_metrics": dict(teacher_metrics) if teacher_metrics else None,
+            "teacher_nfe": teacher_nfe if teacher_metrics else None,
             "sampling": {"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},
             "generator_init": cfg.generator_init, "seed": seed}
 

@@ -35,7 +35,7 @@ def teacher_pipeline(teacher) -> EDMHeunPipeline:
     return pipe
 
 
-def _cache_key(teacher_name: str, num_samples: int) -> dict:
+def teacher_cache_key(teacher_name: str, num_samples: int) -> dict:
     return {"teacher": teacher_name, "sampler": TEACHER_SAMPLER, "num_samples": num_samples, "first_seed": 0,
             "labels": "per-seed"}
 
@@ -45,7 +45,7 @@ def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_
     the run evaluated no FD-digits. Reused from `output_dir/summary.json` when it holds the same evaluation."""
     if suite is None or not any(m == "fd_digits" for m in suite.metrics):
         return None
-    key = _cache_key(teacher_name, suite.num_samples)
+    key = teacher_cache_key(teacher_name, suite.num_samples)
     path = Path(output_dir) / SUMMARY_FILE
     if path.is_file():
         old = json.loads(path.read_text()).get("teacher_eval") or {}
@@ -77,7 +77,7 @@ def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name:
         "student": {"num_steps": 1, "metrics": dict(student_metrics)},
         "best": best,
         "teacher_eval": None if teacher_metrics is None else {
-            **_cache_key(teacher_name, num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
+            **teacher_cache_key(teacher_name, num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
             "nfe": TEACHER_NFE, "metrics": teacher_metrics},
         "fd_digits_student": student_metrics.get(key) if key else None,
         "fd_digits_teacher": teacher_metrics.get(key) if teacher_metrics and key else None,

@@ -374,7 +374,7 @@ class SiDATrainer:
 
     def run_info(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> dict:
         return outputs.run_info(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
-                                self.world_size, self.seed, metrics, teacher_metrics)
+                                self.world_size, self.seed, metrics, teacher_metrics, summary.TEACHER_NFE)
 
     def export(self, out_dir: Path, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> Path:
         """Write the SiDAPipeline folder of the EMA generator (model card included)."""

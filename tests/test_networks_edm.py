@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from conftest import FIXTURES_DIR, requires_fixtures
 from sida_diffusers.networks import denoiser_from_official
-from sida_diffusers.networks.edm import DhariwalUNet, SongUNet, UNetBlock
+from sida_diffusers.networks.edm import DhariwalUNet, SongUNet
+from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 
 

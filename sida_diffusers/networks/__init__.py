@@ -1,7 +1,8 @@
 """Raw UNets and preconditioned denoisers (EDM and EDM2 families)."""
 
 from sida_diffusers.networks.base import RETURN_FLAGS, Denoiser, edm_preconditioning, one_hot
-from sida_diffusers.networks.edm import DhariwalUNet, SongUNet, UNetBlock
+from sida_diffusers.networks.edm import DhariwalUNet, SongUNet
+from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.edm2 import normalize_mpconv_weights_
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from sida_diffusers.networks.precond_edm2 import EDM2Precond

@@ -34,6 +34,7 @@ STANDALONE_SOURCES = (
     "sida_diffusers.schedule",
     "sida_diffusers.latents",
     "sida_diffusers.networks.base",
+    "sida_diffusers.networks.edm_layers",
     "sida_diffusers.networks.edm",
     "sida_diffusers.networks.edm2",
     "sida_diffusers.networks.precond",

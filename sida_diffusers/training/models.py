@@ -14,12 +14,8 @@ from sida_diffusers.training.config import TrainConfig
 
 
 def load_network(source: str) -> Denoiser:
-    """A `--teacher` / `--generator_init` source: 'digits' / 'digits-uncond' (the shipped teachers, offline) or anything
-    `load_denoiser` reads (official .pkl, URL, known name, Diffusers folder, Hub repo)."""
-    if source in ("digits", "digits-uncond"):
-        from sida_diffusers.digits import digits_teacher_path
-
-        source = digits_teacher_path(conditional=source == "digits")
+    """A `--teacher` / `--generator_init` source, in float32: anything `load_denoiser` reads (the shipped 'digits' /
+    'digits-uncond' teachers, an official .pkl, URL or known name, a Diffusers folder, a Hub repo)."""
     from sida_diffusers.checkpoints import load_denoiser
 
     return load_denoiser(source, dtype=torch.float32)

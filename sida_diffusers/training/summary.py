@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from sida_diffusers.evaluation import pipeline_sample_fn, plot_metric_curve
+from sida_diffusers.digits import FD_DIGITS
+from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve
 from sida_diffusers.pipelines import EDMHeunPipeline
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, heun_nfe
 
@@ -23,9 +24,16 @@ METRIC_LABEL = "FD-digits"  # a Frechet distance in the digits classifier's feat
 TEACHER_NFE = heun_nfe(HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"])
 
 
+def _is_fd_digits(key) -> bool:
+    try:
+        return parse_result_key(str(key))[0] == FD_DIGITS
+    except ValueError:
+        return False
+
+
 def fd_digits_key(metrics: dict) -> Optional[str]:
     """The FD-digits result name among `metrics` (e.g. ``fd_digits_1797``), None when FD-digits was not evaluated."""
-    return next((k for k in metrics if k.startswith("fd_digits_")), None)
+    return next((k for k in metrics if _is_fd_digits(k)), None)
 
 
 def teacher_pipeline(teacher) -> EDMHeunPipeline:
@@ -43,7 +51,7 @@ def teacher_cache_key(teacher_name: str, num_samples: int) -> dict:
 def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool) -> Optional[dict]:
     """The suite's metrics of the teacher (Heun, 35 NFE) on the student's evaluation seeds and labels, or None when
     the run evaluated no FD-digits. Reused from `output_dir/summary.json` when it holds the same evaluation."""
-    if suite is None or not any(m == "fd_digits" for m in suite.metrics):
+    if suite is None or FD_DIGITS not in suite.metrics:
         return None
     key = teacher_cache_key(teacher_name, suite.num_samples)
     path = Path(output_dir) / SUMMARY_FILE
@@ -93,14 +101,14 @@ def format_summary(summary: dict) -> str:
              f"pipeline      {summary['pipeline']}   (SiDAPipeline.from_pretrained(...))"]
     best = summary.get("best") or {}
     if summary.get("best_pipeline"):
-        name = METRIC_LABEL if str(best.get("metric")).startswith("fd_digits_") else best.get("metric")
+        name = METRIC_LABEL if _is_fd_digits(best.get("metric")) else best.get("metric")
         note = f"   ({name} {best['best']:.3f} at {best['best_kimg']:g} kimg)" if best.get("best") is not None else ""
         lines.append(f"best pipeline {summary['best_pipeline']}{note}")
     for name, label in (("sample_grid", "sample grid"), ("fd_curve", "metric curve"), ("metrics_jsonl", "metrics")):
         if summary.get(name):
             lines.append(f"{label:<14}{summary[name]}")
     if summary["fd_digits_student"] is not None:
-        n = summary["metric_key"].rsplit("_", 1)[1]
+        n = parse_result_key(summary["metric_key"])[1]
         lines.append(f"FD-digits     student, 1 step:           {summary['fd_digits_student']:.3f}   ({n} samples)")
         if summary["fd_digits_teacher"] is not None:
             t = summary["teacher_eval"]

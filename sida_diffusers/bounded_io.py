@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+import PIL.Image
 
 MAX_JSON_BYTES = 256 << 20  # EDM's dataset.json for ImageNet-1k is ~60 MB; configs are a few kB
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192; a header declaring more is a decompression bomb, not an image of ours
 MAX_DEFLATE_RATIO = 1032    # the most deflate can expand one byte (a 258-byte match per bit pair, RFC 1951)
 
 _ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError)
@@ -122,3 +124,11 @@ def load_npy(path: Union[str, os.PathLike]) -> np.ndarray:
     """The array of a .npy file, checked against the file's size first."""
     with open(path, "rb") as f:
         return read_npy(f, os.fstat(f.fileno()).st_size, str(path))
+
+
+def check_image_size(image: PIL.Image.Image, where: str) -> None:
+    """Refuse an opened image whose header declares more than `MAX_IMAGE_PIXELS` (a decompression bomb); the size
+    comes from the header, before any pixel is decoded."""
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{where}: the image header declares {image.width}x{image.height} pixels, more than the "
+                         f"{MAX_IMAGE_PIXELS:,} any image of ours needs (a decompression bomb?); remove the file.")

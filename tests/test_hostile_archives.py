@@ -17,7 +17,8 @@ import PIL.Image
 import pytest
 
 from sida_diffusers.training.data import build_dataset
-from sida_diffusers.training.image_files import MAX_CLASSES, MAX_IMAGE_PIXELS, MAX_ITEM_BYTES
+from sida_diffusers.bounded_io import MAX_IMAGE_PIXELS
+from sida_diffusers.training.image_files import MAX_CLASSES, MAX_ITEM_BYTES
 
 
 def png(value=0, size=8):

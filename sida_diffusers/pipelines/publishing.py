@@ -24,10 +24,12 @@ from typing import Optional
 import PIL.Image
 from huggingface_hub import ModelCard, create_repo, upload_folder
 
+from sida_diffusers.bounded_io import check_image_size, read_json
 from sida_diffusers.pipelines.standalone import (COMPONENT_MODULE, STANDALONE_MODULE, STANDALONE_SOURCES,
                                                  component_source, denoiser_classes, standalone_source)
 
 GRID_NAME = "samples_grid.png"
+MAX_CARD_BYTES = 8 << 20  # a model card is text of a few kB
 CARD_NAME = "README.md"
 RUN_INFO_NAME = "run_info.json"
 # What a card written before the repo id was known says in its usage snippet; push_to_hub puts the repo id there.
@@ -86,13 +88,17 @@ class PublishingMixin:
     def load_published_files(self, folder) -> None:
         """Take README.md, samples_grid.png and run_info.json of `folder` (those that exist) onto the pipeline."""
         folder = Path(folder)
-        if (folder / CARD_NAME).is_file():
-            self.model_card = ModelCard((folder / CARD_NAME).read_text(encoding="utf-8"), ignore_metadata_errors=True)
+        card = folder / CARD_NAME
+        if card.is_file():
+            if card.stat().st_size > MAX_CARD_BYTES:
+                raise ValueError(f"{card} is {card.stat().st_size:,} bytes, far more than a model card; remove it.")
+            self.model_card = ModelCard(card.read_text(encoding="utf-8"), ignore_metadata_errors=True)
         if (folder / GRID_NAME).is_file():
             with PIL.Image.open(folder / GRID_NAME) as grid:
+                check_image_size(grid, str(folder / GRID_NAME))
                 self.sample_grid = grid.copy()
         if (folder / RUN_INFO_NAME).is_file():
-            self.run_info = json.loads((folder / RUN_INFO_NAME).read_text())
+            self.run_info = read_json(folder / RUN_INFO_NAME)
 
     # ---- saving ------------------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):

@@ -18,21 +18,13 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 
-from sida_diffusers.bounded_io import read_json, read_zip_member
+from sida_diffusers.bounded_io import check_image_size, read_json, read_zip_member
 
 MAX_ITEM_BYTES = 256 << 20    # one encoded image, .npy latent or dataset.json (ImageNet's is ~60 MB)
-MAX_IMAGE_PIXELS = 1 << 26    # 8192 x 8192; a header declaring more is a decompression bomb, not a training image
 MAX_CLASSES = 100_000         # ImageNet-21k has 21,841; one-hot labels are [batch, classes]
 
 
 # ---- images ----------------------------------------------------------------------------------------------------------
-
-def check_image_size(image: PIL.Image.Image, where: str) -> None:
-    # The size comes from the header, before any pixel is decoded.
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"{where}: the image header declares {image.width}x{image.height} pixels, more than the "
-                         f"{MAX_IMAGE_PIXELS:,} any training image needs (a decompression bomb?); remove the file.")
-
 
 def image_array(image: PIL.Image.Image, resolution: Optional[int], where: str) -> np.ndarray:
     """uint8 CHW of a PIL image: grey stays 1 channel, colour becomes RGB; square images resized if asked (bicubic)."""

@@ -24,6 +24,7 @@ from PIL import Image
 
 from sida_diffusers.digits import ASSETS_DIR, DIGITS_ID2LABEL, load_digits_classifier, load_digits_tensors
 from sida_diffusers.losses import fake_score_loss, lognormal_sigma
+from sida_diffusers.networks import one_hot
 from sida_diffusers.networks.precond import EDMPrecond
 from sida_diffusers.pipelines import EDMHeunPipeline, image_grid
 from sida_diffusers.training.ema import HalfLifeEMA
@@ -70,7 +71,7 @@ def main():
     torch.manual_seed(args.seed)
     images, labels = load_digits_tensors()
     data = images.float() / 127.5 - 1
-    onehot = torch.nn.functional.one_hot(labels, 10).float() if args.conditional else None
+    onehot = one_hot(labels, 10) if args.conditional else None
 
     net = build_teacher(args.conditional, args.model_channels, args.channel_mult, args.num_blocks,
                         args.attn_resolutions, args.dropout).train()

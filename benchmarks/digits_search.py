@@ -26,11 +26,15 @@ ROOT = Path("runs/digits_search")
 
 
 def parse_overrides(pairs) -> dict:
-    """``["lr=1e-4", "dropout=0", "seed=1"]`` -> ``{"lr": 1e-4, "dropout": 0.0, "seed": 1}`` (JSON values)."""
+    """``["lr=1e-4", "seed=1", "lr_scheduler=cosine"]`` -> ``{"lr": 1e-4, "seed": 1, "lr_scheduler": "cosine"}``
+    (JSON values; anything that is not JSON is a string)."""
     out = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        out[key] = json.loads(value)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
     return out
 
 

@@ -248,3 +248,20 @@ def test_data_free_sid_with_bf16_autocast_and_channels_last(tmp_path):
     assert not torch.equal(before, params(g))
     assert set(trainer.last_losses) == {"fake_score_loss", "g_loss"}
     assert all(torch.isfinite(v) for v in trainer.last_losses.values())
+
+
+def test_lr_scheduler_decays_both_learning_rates_with_the_images_seen(tmp_path, digits8):
+    from sida_diffusers.training.models import lr_factor
+
+    assert [lr_factor("cosine", p) for p in (0, 0.5, 1)] == pytest.approx([1, 0.5, 0])
+    assert [lr_factor("linear", p) for p in (0, 0.25, 1)] == pytest.approx([1, 0.75, 0])
+    assert lr_factor("constant", 0.9) == 1
+    cfg = tiny_config(tmp_path, lr_scheduler="linear", max_train_kimg=0.032, lr=1e-3, glr=2e-4)
+    trainer = SiDATrainer(cfg, teacher=tiny_teacher(), dataset=digits8)
+    seen = []
+    for _ in range(4):  # cur_nimg 0, 8, 16, 24 of 32: factors 1, 0.75, 0.5, 0.25 during each step
+        trainer.step()
+        seen.append((trainer.opt_fake.param_groups[0]["lr"], trainer.opt_gen.param_groups[0]["lr"]))
+    assert seen == pytest.approx([(1e-3 * f, 2e-4 * f) for f in (1, 0.75, 0.5, 0.25)])
+    with pytest.raises(ValueError, match="lr_scheduler must be one of constant, linear, cosine"):
+        make_config(lr_scheduler="polynomial")

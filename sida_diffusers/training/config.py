@@ -20,6 +20,7 @@ from sida_diffusers.schedule import INIT_SIGMA
 
 PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
 METHODS = ("sid", "sida", "sid2a")
+LR_SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_PRESET = "digits"
 
 
@@ -68,6 +69,9 @@ class TrainConfig:
     lr: float = _f(1e-5, "Adam learning rate of the fake score / discriminator")
     glr: float = _f(1e-5, "Adam learning rate of the generator")
     g_beta1: float = _f(0.0, "Adam beta1 of the generator (the fake score always uses 0)")
+    lr_scheduler: str = _f("constant", "how --lr and --glr evolve over --max_train_kimg: constant (the paper), or "
+                                       "linear / cosine decay to zero at the end (Diffusers' names); a function of the "
+                                       "images seen, so resuming continues it exactly", choices=LR_SCHEDULERS)
     adam_fused: Optional[bool] = _f(None, "Adam kernel: fused (one multi-tensor kernel per step, the fastest on CUDA) or "
                                           "foreach; default: fused on CUDA, foreach otherwise. Same update up to "
                                           "rounding")
@@ -123,7 +127,7 @@ class TrainConfig:
 
 
     def __post_init__(self):
-        for name in ("method", "mixed_precision"):
+        for name in ("method", "mixed_precision", "lr_scheduler"):
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")

@@ -5,6 +5,7 @@ from them, their optimizers, and their compilation.
 from __future__ import annotations
 
 import copy
+import math
 from typing import Optional
 
 import torch
@@ -59,6 +60,24 @@ def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: tor
     adam = dict(eps=eps, fused=fused, foreach=not fused)
     return (torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
             torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
+
+
+def lr_factor(scheduler: str, progress: float) -> float:
+    """Multiplier of the base learning rates at `progress` = images seen / max_train_kimg images, in [0, 1]."""
+    progress = min(max(progress, 0.0), 1.0)
+    if scheduler == "linear":
+        return 1.0 - progress
+    if scheduler == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def set_learning_rates(cfg: TrainConfig, opt_fake, opt_gen, cur_nimg: int, max_nimg: int) -> None:
+    """Both optimizers' learning rates for the iteration that starts at `cur_nimg` (`--lr_scheduler`)."""
+    factor = lr_factor(cfg.lr_scheduler, cur_nimg / max(max_nimg, 1))
+    for optimizer, base in ((opt_fake, cfg.lr), (opt_gen, cfg.glr)):
+        for group in optimizer.param_groups:
+            group["lr"] = base * factor
 
 
 def compile_networks(networks, backend: str) -> None:

@@ -279,6 +279,7 @@ class SiDATrainer:
     def step(self) -> Stage:
         """One iteration: fake-score/D phase, generator phase, EMA, ``cur_nimg += total_batch_size`` (§5.1)."""
         stage = self.stage()
+        models.set_learning_rates(self.cfg, self.opt_fake, self.opt_gen, self.cur_nimg, _nimg(self.cfg.max_train_kimg))
         self.fake_score_phase()
         self.generator_phase(stage)
         self.ema.update(self.cur_nimg, self.total_batch_size)

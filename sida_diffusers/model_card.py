@@ -32,6 +32,9 @@ TRAINING_SETTINGS = (
     ("alpha", "alpha"), ("lr", "learning rate, fake score / discriminator"), ("glr", "learning rate, generator"),
     ("ema_halflife_kimg", "EMA half-life (kimg)"), ("warmup_kimg", "generator warm-up (kimg)"),
     ("adversarial_start_kimg", "adversarial loss from (kimg)"), ("dropout", "dropout"),
+    ("lr_scheduler", "learning-rate schedule"), ("ls", "fake-score loss scale (ls)"),
+    ("lsd", "discriminator loss scale (lsd)"), ("lsg", "SiD generator loss scale (lsg)"),
+    ("lsg_gan", "adversarial generator loss scale (lsg_gan)"),
     ("train_batch_size", "batch per GPU"), ("num_processes", "processes"), ("total_batch_size", "total batch"),
     ("init_sigma", "init_sigma"), ("tmax", "tmax"),
 )

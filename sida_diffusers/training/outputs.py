@@ -145,6 +145,8 @@ def run_info(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_
             "init_sigma": cfg.init_sigma, "tmax": cfg.tmax, "lr": cfg.lr, "glr": cfg.glr,
             "ema_halflife_kimg": cfg.ema_halflife_kimg, "warmup_kimg": cfg.warmup_kimg,
             "adversarial_start_kimg": cfg.adversarial_start_kimg, "dropout": cfg.dropout,
+            "lr_scheduler": cfg.lr_scheduler, "ls": cfg.fake_score_loss_scale, "lsd": cfg.discriminator_loss_scale,
+            "lsg": cfg.sid_loss_scale, "lsg_gan": cfg.adversarial_loss_scale,
             "mixed_precision": cfg.mixed_precision,
             "id2label": getattr(dataset, "id2label", None) if teacher.is_conditional else None,
             "label_dim": teacher.label_dim, "resolution": teacher.img_resolution, "channels": teacher.img_channels,

@@ -50,7 +50,7 @@ def test_accelerate_launch_bf16_reaches_the_run_config(tmp_path):
         capture_output=True, text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "config.json").read_text())["mixed_precision"] == "bf16"
-    assert "bf16 precision" in proc.stdout + proc.stderr
+    assert "bf16 autocast" in proc.stdout + proc.stderr
 
 
 # ---- flags ------------------------------------------------------------------------------------------------------------

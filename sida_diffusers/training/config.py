@@ -100,6 +100,9 @@ class TrainConfig:
     compile_backend: str = _f("inductor", "torch.compile backend: inductor (fused kernels, the fast one); aot_eager "
                                           "or eager only to debug graph capture, or on machines without a compiler")
     cpu: bool = _f(False, "run on CPU even if a GPU is present")
+    num_threads: Optional[int] = _f(None, "torch intra-op threads per process (default: torch's choice). The digits "
+                                          "preset uses 1: its tiny networks gain nothing from a second thread, and the "
+                                          "second core then computes the teacher's baseline during the training")
     # run length, checkpoints, logging
     output_dir: str = _f("runs/sida", "where checkpoints, samples, logs and the final pipeline go")
     seed: Optional[int] = _f(None, "run seed (default: random, broadcast from the main process)")

@@ -10,8 +10,11 @@ one-step student that matches or beats its teacher). The teacher value is comput
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
+
+from sida_diffusers.bounded_io import read_json
 
 from sida_diffusers.digits import FD_DIGITS
 from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve
@@ -56,10 +59,27 @@ def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_
     key = teacher_cache_key(teacher_name, suite.num_samples)
     path = Path(output_dir) / SUMMARY_FILE
     if path.is_file():
-        old = json.loads(path.read_text()).get("teacher_eval") or {}
+        old = read_json(path).get("teacher_eval") or {}
         if {k: old.get(k) for k in key} == key and old.get("metrics"):
             return old["metrics"]
     return suite.evaluate(pipeline_sample_fn(teacher_pipeline(teacher), 0, label_pool))
+
+
+def start_teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool,
+                           background: bool) -> Future:
+    """`teacher_baseline` as a future. With `background`, it runs on a thread started with the training: it depends on
+    nothing the training changes (a frozen teacher, fixed seeds and labels, per-seed generators that leave the global
+    RNG alone), and on a CPU the multi-step teacher then uses the core a one-step step of a tiny network leaves idle.
+    Otherwise it is computed when `.result()` is first asked for (GPU runs, compiled networks)."""
+    args = (output_dir, teacher_name, suite, teacher, label_pool)
+    if not background:
+        future = Future()
+        future.result = lambda timeout=None: teacher_baseline(*args)
+        return future
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-baseline")
+    future = executor.submit(teacher_baseline, *args)
+    executor.shutdown(wait=False)
+    return future
 
 
 def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name: str, kimg: float,

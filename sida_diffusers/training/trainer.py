@@ -35,6 +35,7 @@ from sida_diffusers.training.config import TrainConfig
 from sida_diffusers.training.ema import HalfLifeEMA
 
 NETWORKS = ("generator", "generator_ema", "fake_score")
+PRECISION_NAMES = {"no": "fp32", "fp16": "fp16 networks", "bf16": "bf16 autocast"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +72,7 @@ class SiDATrainer:
         self.device, self.world_size, self.rank = acc.device, acc.num_processes, acc.process_index
         self.total_batch_size, self.rounds = validation.batch_layout(cfg, self.world_size)
         self.batch_per_process = cfg.train_batch_size * self.rounds  # B_tot, the divisor of every loss (§4.5)
-        launch.set_device_numerics(self.device, cfg.allow_tf32)
+        launch.set_device_numerics(self.device, cfg.allow_tf32, cfg.num_threads)
         self.seed = launch.run_seed(cfg.seed, self.world_size)
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
@@ -299,12 +300,17 @@ class SiDATrainer:
         acc.init_trackers("sida", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                           if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
-                  f"= {self.total_batch_size} images per iteration, {cfg.mixed_precision} precision, to "
+                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
                   f"{cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
         final_nimg = math.ceil(max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
         bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
+        baseline = None
+        if acc.is_main_process:  # the teacher's 35-NFE figure, meanwhile on the idle core of a CPU run
+            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
+                                                      self.label_pool, background=self.device.type == "cpu"
+                                                      and not cfg.compile)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
         first = True
         while self.cur_nimg < max_nimg:
@@ -326,7 +332,7 @@ class SiDATrainer:
                 self.save_checkpoint()
             tick["maintenance"] += time.time() - maintenance_start
         bar.close()
-        pipeline_dir = self._finish() if acc.is_main_process else None
+        pipeline_dir = self._finish(baseline.result()) if acc.is_main_process else None
         acc.wait_for_everyone()
         acc.end_training()
         return pipeline_dir
@@ -356,13 +362,11 @@ class SiDATrainer:
                 self.export(self.output_dir / "best_pipeline", metrics=results)
         self.accelerator.wait_for_everyone()
 
-    def _finish(self) -> Path:
-        """Main process, after the last iteration: loss curves, the teacher's baseline, the exported pipeline, the
-        run summary and the optional Hub push."""
+    def _finish(self, teacher_metrics: Optional[dict]) -> Path:
+        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's baseline in
+        its card), the run summary and the optional Hub push."""
         cfg = self.cfg
         outputs.plot_loss_curves(self.output_dir)
-        teacher_metrics = summary.teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
-                                                   self.label_pool)
         pipeline_dir = self.export(self.output_dir / "pipeline", teacher_metrics=teacher_metrics)
         summary.write_run_summary(self.output_dir, cfg.method, cfg.alpha, cfg.teacher, self.cur_nimg / 1000,
                                   self.last_metrics, teacher_metrics,

@@ -38,7 +38,8 @@ import torch
 LABELS = {"teacher": "Teacher (EDM Heun, 35 NFE)", "sid": "SiD, alpha=1.2 (1 step)", "sida": "SiDA, alpha=1 (1 step)",
           "sid2a": "SiD²A, alpha=1 (1 step)"}
 NUM_DIGITS = 1797
-LONG_KIMG = 120  # long mode: past the length at which the claims are decided (benchmarks/RESULTS.md)
+LONG_KIMG = 100  # long mode: twice the length at which every searched curve bottoms out (benchmarks/RESULTS.md)
+LONG_EVAL_EVERY = 4  # long mode: curve resolution (kimg), the resolution of sida_images_to_reach_sid_final
 
 
 # ---- distillation runs (one fresh single-thread process each: torch threads and Accelerate state stay per run) -------
@@ -210,12 +211,14 @@ def markdown_table(result: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--long", action="store_true", help=f"the claims run: {LONG_KIMG} kimg per row, curves every 4 kimg")
+    p.add_argument("--long", action="store_true", help=f"the claims run: {LONG_KIMG} kimg per row, curves every "
+                                                              f"{LONG_EVAL_EVERY} kimg")
     p.add_argument("--kimg", type=float, help="training images per row (thousands; default: the digits preset's "
                                               f"length, or {LONG_KIMG} with --long)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="distillation seeds")
     p.add_argument("--eval_sets", type=int, default=3, help="evaluation seed sets of 1,797 samples per generator")
-    p.add_argument("--eval_every_kimg", type=float, help="curve resolution (default kimg/15, at least 1)")
+    p.add_argument("--eval_every_kimg", type=float, help=f"curve resolution (default kimg/15, at least 1; "
+                                                          f"{LONG_EVAL_EVERY} with --long)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs (one thread each)")
     p.add_argument("--work_dir", default="runs/digits_table", help="where the distillation runs go")
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where table and figure go")
@@ -223,7 +226,7 @@ def main(argv=None) -> dict:
     from sida_diffusers.training import make_config
 
     kimg = args.kimg or (LONG_KIMG if args.long else make_config("digits").max_train_kimg)
-    eval_every = args.eval_every_kimg or max(1.0, round(kimg / 15))
+    eval_every = args.eval_every_kimg or (LONG_EVAL_EVERY if args.long else max(1.0, round(kimg / 15)))
     root, out = Path(args.work_dir), Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

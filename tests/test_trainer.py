@@ -265,3 +265,8 @@ def test_lr_scheduler_decays_both_learning_rates_with_the_images_seen(tmp_path, 
     assert seen == pytest.approx([(1e-3 * f, 2e-4 * f) for f in (1, 0.75, 0.5, 0.25)])
     with pytest.raises(ValueError, match="lr_scheduler must be one of constant, linear, cosine"):
         make_config(lr_scheduler="polynomial")
+
+
+def test_num_threads_must_be_positive():
+    with pytest.raises(ValueError, match="num_threads must be >= 1, got 0"):
+        make_config(num_threads=0)

@@ -55,9 +55,7 @@ def run_seed(seed: Optional[int], num_processes: int) -> int:
 def set_device_numerics(device: torch.device, allow_tf32: bool, num_threads: Optional[int] = None) -> None:
     """CUDA: TF32 only when asked (IEEE fp32 otherwise, as the official runs), cuDNN autotuning on (§1.4); the CPU
     thread count when one is given."""
-    if num_threads is not None:
-        if num_threads < 1:
-            raise ValueError(f"--num_threads must be >= 1, got {num_threads}.")
+    if num_threads is not None:  # checked >= 1 by TrainConfig
         torch.set_num_threads(num_threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32

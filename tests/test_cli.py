@@ -9,7 +9,6 @@ from test_pipeline import tiny_edm
 from sida_diffusers.cli import SPELLING_NOTE, convert, evaluate, export, ref_stats, sample
 from sida_diffusers.pipelines import SiDAPipeline
 
-torch.set_num_threads(1)
 COMMANDS = {"sida-convert": convert, "sida-export": export, "sida-sample": sample, "sida-eval": evaluate,
             "sida-ref-stats": ref_stats}
 

@@ -9,13 +9,13 @@ one-step student that matches or beats its teacher). The teacher value is comput
 
 from __future__ import annotations
 
+import functools
 import json
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from sida_diffusers.bounded_io import read_json
-
 from sida_diffusers.digits import FD_DIGITS
 from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve
 from sida_diffusers.pipelines import EDMHeunPipeline
@@ -66,20 +66,18 @@ def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_
 
 
 def start_teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool,
-                           background: bool) -> Future:
-    """`teacher_baseline` as a future. With `background`, it runs on a thread started with the training: it depends on
-    nothing the training changes (a frozen teacher, fixed seeds and labels, per-seed generators that leave the global
-    RNG alone), and on a CPU the multi-step teacher then uses the core a one-step step of a tiny network leaves idle.
-    Otherwise it is computed when `.result()` is first asked for (GPU runs, compiled networks)."""
-    args = (output_dir, teacher_name, suite, teacher, label_pool)
+                           background: bool) -> Callable[[], Optional[dict]]:
+    """`teacher_baseline`, to be collected by calling the returned function. With `background`, it runs on a thread
+    started with the training: it depends on nothing the training changes (a frozen teacher, fixed seeds and labels,
+    per-seed generators that leave the global RNG alone), and on a CPU the multi-step teacher then uses the core a
+    one-step step of a tiny network leaves idle. Otherwise it is computed when called (GPU runs, compiled networks)."""
+    compute = functools.partial(teacher_baseline, output_dir, teacher_name, suite, teacher, label_pool)
     if not background:
-        future = Future()
-        future.result = lambda timeout=None: teacher_baseline(*args)
-        return future
+        return compute
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-baseline")
-    future = executor.submit(teacher_baseline, *args)
+    future = executor.submit(compute)
     executor.shutdown(wait=False)
-    return future
+    return future.result
 
 
 def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name: str, kimg: float,

@@ -332,7 +332,7 @@ class SiDATrainer:
                 self.save_checkpoint()
             tick["maintenance"] += time.time() - maintenance_start
         bar.close()
-        pipeline_dir = self._finish(baseline.result()) if acc.is_main_process else None
+        pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
         acc.wait_for_everyone()
         acc.end_training()
         return pipeline_dir

@@ -252,7 +252,7 @@ def main(argv=None) -> dict:
     stats = {row: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
                    "values": [float(x) for x in v]} for row, v in values.items()}
     curves = mean_curves(jobs)
-    plot_curves(curves, stats["teacher"], out / "digits_curves.png")
+    verdict = claims(curves, stats)
     preset = make_config("digits")
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch "
@@ -261,21 +261,20 @@ def main(argv=None) -> dict:
         "metric": f"FD-digits ({NUM_DIGITS} samples vs all {NUM_DIGITS} real digits, per-seed noise and labels)",
         "preset": {k: getattr(preset, k) for k in ("train_batch_size", "lr", "glr", "dropout", "ema_halflife_kimg",
                                                    "ema_rampup_ratio", "warmup_kimg", "adversarial_start_kimg",
-                                                   "sid_loss_scale", "adversarial_loss_scale", "alpha", "tmax")},
-        "rows": stats, **claims(curves, stats), "claims": claims(curves, stats),
+                                                   "sid_loss_scale", "discriminator_loss_scale", "adversarial_loss_scale",
+                                                   "alpha", "tmax", "lr_scheduler")},
+        "rows": stats, **verdict, "claims": verdict,
         "train_wall_s": train_s, "total_wall_s": time.time() - t0,
         "run_wall_s": {f"{j['kind']}-seed{j['seed']}": j["wall_s"] for j in jobs}, "jobs": jobs,
         "curves": {row: {"kimg": c[0].tolist(), "mean": c[1].tolist(), "std": c[2].tolist()}
                    for row, c in curves.items()},
     }
     (out / "digits_table.json").write_text(json.dumps(result, indent=2))
-    md = markdown_table(result)
-    (out / "digits_table.md").write_text(md)
-    print(md)
-    return result
+    return replot(out)
 
 
 def replot(out: Path) -> dict:
+    """Figure and markdown table from `out`/digits_table.json (what a run wrote, or `--replot` of an earlier run)."""
     result = json.loads((out / "digits_table.json").read_text())
     curves = {row: tuple(np.array(c[key]) for key in ("kimg", "mean", "std")) for row, c in result["curves"].items()}
     plot_curves(curves, result["rows"]["teacher"], out / "digits_curves.png")

@@ -228,6 +228,9 @@ def main(argv=None) -> dict:
                                                          "digits_table.json in --out_dir, without training")
     args = p.parse_args(argv)
     if args.replot:
+        if not (Path(args.out_dir) / "digits_table.json").is_file():
+            p.error(f"--replot needs {Path(args.out_dir) / 'digits_table.json'} (written by a run of this script); "
+                    "point --out_dir at the folder that holds it")
         return replot(Path(args.out_dir))
     from sida_diffusers.training import make_config
 

@@ -15,10 +15,11 @@ import json
 import time
 
 import torch
-
 from bench_train import PRECISIONS, PRESETS, build_teacher
+
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, EDMHeunPipeline, heun_nfe
 from sida_diffusers.pipelines.pipeline_sida import SiDAPipeline
+
 
 HEUN_PRESET = {"cifar10": "cifar10", "imagenet64": "imagenet64", "edm2-xs": "edm2", "edm2-s": "edm2"}
 

@@ -20,9 +20,10 @@ import time
 import numpy as np
 import torch
 
+from sida_diffusers.data.datasets import TrainingDataset
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.training import SiDATrainer, make_config
-from sida_diffusers.training.data import TrainingDataset
+
 
 # Architectures of the official teachers (init_kwargs of the official pickles) and the trainer preset of each.
 PRESETS = {

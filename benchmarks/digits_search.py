@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+
 ROOT = Path("runs/digits_search")
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 LABELS = {"teacher": "Teacher (EDM Heun, 35 NFE)", "sid": "SiD, alpha=1.2 (1 step)", "sida": "SiDA, alpha=1 (1 step)",
           "sid2a": "SiD²A, alpha=1 (1 step)"}
 NUM_DIGITS = 1797
@@ -81,9 +82,9 @@ def _job(args) -> dict:
 def digits_suite():
     """FD-digits of 1,797 samples against all real digits, and the labels evaluation draws from: what the trainer
     sets up for a digits run (`training.outputs`)."""
+    from sida_diffusers.data.datasets import build_dataset
     from sida_diffusers.digits import register_digits_metric
     from sida_diffusers.evaluation import MetricSuite
-    from sida_diffusers.training.data import build_dataset
     from sida_diffusers.training.outputs import data_reference
 
     register_digits_metric()

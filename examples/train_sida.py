@@ -11,5 +11,6 @@ from `sida_diffusers/training/presets.json`, and flags given explicitly override
 
 from sida_diffusers.cli.train import main
 
+
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ Reproduce the shipped weights (one CPU thread each; the conditional one is the d
 
 The teacher is an EDMPrecond + SongUNet DDPM++ at 16x16x1 trained with the EDM denoising loss (ALGORITHM.md §4.1:
 lognormal sigma, weight (sigma^2+sigma_d^2)/(sigma sigma_d)^2) on scikit-learn's digits as loaded by
-`sida_diffusers.training.data`. Only the EMA weights are written, as a Diffusers folder (config.json + safetensors).
+`sida_diffusers.data.datasets`. Only the EMA weights are written, as a Diffusers folder (config.json + safetensors).
 A sanity grid from EDM's deterministic 18-step Heun sampler (35 NFE, `EDMHeunPipeline`) goes to `--grid_path`, and
 the shipped classifier reports how often the conditional samples are recognised as the class they were drawn for.
 """

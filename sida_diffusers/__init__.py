@@ -2,16 +2,17 @@
 
 import importlib
 
+
 __version__ = "0.1.0"
 
 # Public names and the module that defines each. Modules load on first use so that `import sida_diffusers`
 # stays cheap; the network module is imported eagerly because Diffusers resolves pipeline components through
 # `sys.modules` (see docs/ARCHITECTURE.md).
 _LAZY = {
-    "load_denoiser": "sida_diffusers.checkpoints",
-    "convert_official": "sida_diffusers.checkpoints",
-    "read_official_pickle": "sida_diffusers.checkpoints",
-    "KNOWN_CHECKPOINTS": "sida_diffusers.checkpoints",
+    "load_denoiser": "sida_diffusers.pretrained",
+    "convert_official": "sida_diffusers.pretrained",
+    "read_official_pickle": "sida_diffusers.pretrained",
+    "KNOWN_NETWORKS": "sida_diffusers.pretrained",
     "SiDAPipeline": "sida_diffusers.pipelines",
     "EDMHeunPipeline": "sida_diffusers.pipelines",
     "edm_sampler": "sida_diffusers.pipelines",
@@ -26,6 +27,7 @@ _LAZY = {
 
 from sida_diffusers.networks import *  # noqa: E402,F401,F403
 from sida_diffusers.networks import __all__ as _network_names  # noqa: E402
+
 
 __all__ = sorted(set(_network_names) | set(_LAZY))
 

@@ -33,6 +33,7 @@ from sida_diffusers.pipelines.pipeline_sida import SiDAPipeline, image_grid, see
 from sida_diffusers.pipelines.publishing import CARD_NAME, GRID_NAME, REPO_PLACEHOLDER
 from sida_diffusers.schedule import INIT_SIGMA
 
+
 # A 16-32 px grid is a smudge on a model page: it is enlarged to at least this width, by an integer factor.
 GRID_MIN_WIDTH = 256
 # Files that never belong in a published pipeline folder.

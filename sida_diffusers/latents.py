@@ -1,7 +1,6 @@
-"""Image and latent conventions shared by the data loader, the pipelines and the trainer (ALGORITHM.md §2, §6.1).
+"""EDM2 latent conventions shared by the data loader, the pipelines and the trainer (ALGORITHM.md §6.1).
 
-EDM pixels live in [-1, 1] and become uint8 as (x*127.5 + 128).clamp(0, 255), truncated. EDM2 works on SD-VAE
-latents: the VAE's own range is [0, 1] (not [-1, 1]), and the latents are normalised per channel with
+EDM2 works on SD-VAE latents: the VAE's own range is [0, 1] (not [-1, 1]), and the latents are normalised per channel with
 scale = 0.5 / raw_std and bias = -raw_mean * scale, computed in float32 as EDM2 does.
 """
 
@@ -12,18 +11,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+
 _RAW_MEAN = np.float32([5.81, 3.25, 0.12, -2.15])
 _RAW_STD = np.float32([4.17, 4.62, 3.71, 3.28])
 EDM2_LATENT_SCALE = torch.from_numpy(np.float32(0.5) / _RAW_STD)
 EDM2_LATENT_BIAS = torch.from_numpy(np.float32(0) - _RAW_MEAN * (np.float32(0.5) / _RAW_STD))
-
-
-def pixels_to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] pixels -> uint8 with the official rounding: x*127.5 + 128, clamp, truncate (ALGORITHM.md §10.18).
-
-    Computed in float64 on the CPU, as the official generate scripts do, so truncation matches them bit for bit.
-    """
-    return (x.detach().cpu().to(torch.float64) * 127.5 + 128).clamp(0, 255).to(torch.uint8)
 
 
 def _per_channel(values, like: torch.Tensor) -> torch.Tensor:
@@ -50,8 +42,3 @@ def decode_latents(vae, x: torch.Tensor, scale=EDM2_LATENT_SCALE, bias=EDM2_LATE
     """Normalised latents -> images in [0, 1] through the VAE: vae.decode((x - bias) / scale), clamped (§6.1)."""
     z = ((x - _per_channel(bias, x)) / _per_channel(scale, x)).to(vae.dtype)
     return vae.decode(z).sample.to(torch.float32).clamp(0, 1)
-
-
-def unit_to_uint8(image: torch.Tensor) -> torch.Tensor:
-    """[0, 1] images (decoded latents) -> uint8 by clamp(0, 1) * 255 and truncation (ALGORITHM.md §6.1)."""
-    return (image.clamp(0, 1) * 255).to(torch.uint8)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from sida_diffusers.schedule import RHO, SIGMA_MAX, SIGMA_MIN, karras_interpolate
 
+
 LOGIT_CLAMP = 10.0                            # the generator's adversarial logits are clamped to +-10 (§4.4)
 OMEGA_MIN = 1e-5                              # floor of the SiD normaliser omega (§4.3 step 3)
 

@@ -20,6 +20,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from sida_diffusers.evaluation import parse_result_key
 from sida_diffusers.pipelines.publishing import GRID_NAME, REPO_PLACEHOLDER
 
+
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD²A"}
 # Hub dataset ids of the benchmark datasets, matched against the run's dataset name or path.
 HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar-10": "uoft-cs/cifar10", "imagenet": "ILSVRC/imagenet-1k",
@@ -54,14 +55,14 @@ def teacher_license(teacher: Optional[str]) -> tuple:
     NVIDIA's EDM/EDM2 weights, and the SiD/SiDA generators distilled from them, are CC BY-NC-SA 4.0; our shipped
     digits teacher is Apache-2.0; anything else is "other" with a note asking the publisher to check.
     """
-    from sida_diffusers.checkpoints import KNOWN_CHECKPOINTS
+    from sida_diffusers.pretrained import KNOWN_NETWORKS
 
     name = str(teacher or "").lower()
     stem = Path(name.split("?")[0]).name
     if "digits" in name:
         return "apache-2.0", "The teacher is the tiny digits EDM model shipped with sida_diffusers (Apache-2.0)."
     if ("nvlabs" in name or "ut-austin-pml" in name or stem.startswith(("edm-", "edm2-"))
-            or name in KNOWN_CHECKPOINTS):
+            or name in KNOWN_NETWORKS):
         return "cc-by-nc-sa-4.0", ("The teacher weights are NVIDIA's EDM/EDM2 models, licensed CC BY-NC-SA 4.0 "
                                    "(non-commercial, share-alike); this derived generator inherits that licence.")
     return "other", (f"The licence of the teacher `{teacher}` is unknown to the exporter: check it and set the licence "

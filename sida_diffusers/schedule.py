@@ -6,6 +6,7 @@ input noise (§2) can never drift apart.
 
 from __future__ import annotations
 
+
 SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0  # Karras et al. 2022, Eq. 5 (EDM's sampler; SiD's generator losses)
 SIGMA_DATA = 0.5                              # standard deviation of the data, EDM and EDM2 (ALGORITHM.md §1.1)
 INIT_SIGMA = 2.5                              # sigma_init of the one-step generator, z = sigma_init * eps (§2)

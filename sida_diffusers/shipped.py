@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # name -> asset folder of the tiny EDM digits teachers (reproduced by examples/train_teacher.py)
 SHIPPED_TEACHERS = {"digits": "digits_teacher_cond", "digits-uncond": "digits_teacher_uncond"}

@@ -12,6 +12,7 @@ import argparse
 import copy
 from pathlib import Path
 
+
 # What bad input raises in our code (ValueError, FileNotFoundError and other OSErrors, TypeError for wrong kinds).
 INPUT_ERRORS = (ValueError, OSError, TypeError)
 SPELLING_NOTE = "Every --flag-name is also accepted as --flag_name (and the reverse)."

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from sida_diffusers.checkpoints import KNOWN_CHECKPOINTS, convert_official
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
+from sida_diffusers.pretrained import KNOWN_NETWORKS, convert_official
 from sida_diffusers.shipped import SHIPPED_TEACHERS
+
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -16,7 +17,7 @@ def build_parser() -> CommandParser:
         prog="sida-convert",
         description="Convert an official network pickle (never executing code from it) into a Diffusers model folder "
                     "that sida_diffusers.load_denoiser and save_pretrained-style tools read.",
-        epilog="known checkpoint names: " + ", ".join(sorted([*KNOWN_CHECKPOINTS, *SHIPPED_TEACHERS])) + ".")
+        epilog="known checkpoint names: " + ", ".join(sorted([*KNOWN_NETWORKS, *SHIPPED_TEACHERS])) + ".")
     parser.add_argument("src", help="official .pkl file, http(s) URL, known checkpoint name, Diffusers folder or "
                                     "Hub reference (owner/repo[/path.pkl][:subfolder])")
     parser.add_argument("dst", help="output folder (config.json + diffusion_pytorch_model.safetensors)")

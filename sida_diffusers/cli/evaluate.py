@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sida_diffusers.bounded_io import load_npy, load_npz, read_json
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
+from sida_diffusers.safe_io.files import load_npy, load_npz, read_json
 
 
 def load_label_pool(path: str | Path) -> np.ndarray:
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
                        inception_mode=args.inception_mode, dinov2=args.dinov2, image_shape=image_shape(pipe))
         reference, digits_labels = args.ref, None
         if trained_on_digits(args.pipeline):  # the digits set's reference and labels, built as the trainer does
-            from sida_diffusers.training.data import build_dataset
+            from sida_diffusers.data.datasets import build_dataset
             from sida_diffusers.training.outputs import data_reference
 
             digits = build_dataset("digits", use_labels=True)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from sida_diffusers.bounded_io import read_json
-from sida_diffusers.checkpoints import load_denoiser
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.hub import export_pipeline, push_to_hub
+from sida_diffusers.pretrained import load_denoiser
+from sida_diffusers.safe_io.files import read_json
 from sida_diffusers.schedule import INIT_SIGMA
 
 
@@ -53,7 +53,7 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
     generator = load_denoiser(src)
     run_info = {"method": method or _guess_method(src), "teacher": teacher, "source": src, "init_sigma": INIT_SIGMA,
                 "label_dim": generator.label_dim, "resolution": generator.img_resolution,
-                "channels": generator.img_channels, "latent": type(generator).__name__ == "EDM2Precond"}
+                "channels": generator.img_channels, "latent": generator.family == "edm2"}
     return generator, run_info, f"generator {src}"
 
 

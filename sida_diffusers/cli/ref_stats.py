@@ -1,6 +1,6 @@
 """`sida-ref-stats DATA OUT.npz`: reference statistics of a dataset for `sida-eval` and the trainer's metrics.
 
-DATA is any source `sida_diffusers.training.data.build_dataset` reads (HF dataset, image folder, EDM zip, digits).
+DATA is any source `sida_diffusers.data.datasets.build_dataset` reads (HF dataset, image folder, EDM zip, digits).
 OUT.npz holds, per metric, the Gaussian fit (mu, sigma) of the dataset's features, the raw features with --features
 (or when kid/pr are asked for), metadata (extractor, Inception mode, image count, feature dimension) and the
 dataset's class labels, which `sida-eval` draws generation labels from (ALGORITHM.md §9.1).
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
         parser.fail(f"--batch-size and --max-images must be >= 1, got {args.batch_size} and {args.max_images}")
 
-    from sida_diffusers.training.data import build_dataset
+    from sida_diffusers.data.datasets import build_dataset
 
     try:
         dataset = build_dataset(args.data, resolution=args.resolution)

@@ -14,10 +14,17 @@ import torch
 from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
-from sida_diffusers.bounded_io import read_json
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
-from sida_diffusers.pipelines import (EDMHeunPipeline, SiDAPipeline, image_grid, np_to_uint8, seed_generators,
-                                      uint8_to_pil)
+from sida_diffusers.pipelines import (
+    EDMHeunPipeline,
+    SiDAPipeline,
+    image_grid,
+    np_to_uint8,
+    seed_generators,
+    uint8_to_pil,
+)
+from sida_diffusers.safe_io.files import read_json
+
 
 PIPELINES = {cls.__name__: cls for cls in (SiDAPipeline, EDMHeunPipeline)}
 GRID_SIZE = 64

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 # clean-fid hard-codes where it keeps the weights (cleanfid/features.py); we look there and download there too.
 CLEANFID_INCEPTION_PATH = Path("./" if platform.system() == "Windows" else "/tmp") / "inception-2015-12-05.pt"

@@ -7,7 +7,7 @@ optionally ``features`` ``[N, D]``. Accepted sources:
 
 * EDM ``.npz`` (``mu``, ``sigma``), e.g. ``cifar10-32x32.npz``: one ``fid`` entry, Inception ``legacy_tensorflow``;
 * EDM2 ``.pkl`` (``{'fid': {mu, sigma}, 'fd_dinov2': {mu, sigma}}``), read with an unpickler that can only rebuild
-  numeric numpy arrays (`sida_diffusers.safe_pickle`), so a malicious pickle cannot run code;
+  numeric numpy arrays (`sida_diffusers.safe_io.pickles`), so a malicious pickle cannot run code;
 * clean-fid built-in stats, ``cleanfid:NAME/RES/SPLIT`` (e.g. ``cleanfid:cifar10/32/train``), in the suite's
   Inception mode; clean-fid downloads them into its package folder on first use;
 * our ``.npz`` written by ``save_reference`` / ``sida-ref-stats``: keys ``{entry}.{field}``, a JSON ``meta`` string
@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from sida_diffusers.bounded_io import load_npz
-from sida_diffusers.safe_pickle import load_arrays_pickle
+from sida_diffusers.safe_io.files import load_npz
+from sida_diffusers.safe_io.pickles import load_arrays_pickle
+
 
 FIELDS = ("mu", "sigma", "features")
 
@@ -119,7 +120,7 @@ def load_reference(source: str | os.PathLike, inception_mode: str = "legacy_tens
     if source.startswith("cleanfid:"):
         return _load_cleanfid(source, inception_mode, with_features)
     if source.startswith(("http://", "https://")):
-        from sida_diffusers.checkpoints import cached_download
+        from sida_diffusers.pretrained import cached_download
 
         try:
             path = cached_download(source)

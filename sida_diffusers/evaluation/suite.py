@@ -24,8 +24,13 @@ from tqdm.auto import tqdm
 
 from sida_diffusers.evaluation.features import DINOV2_DEFAULT, DINOv2Features, InceptionFeatures
 from sida_diffusers.evaluation.references import Reference, load_reference
-from sida_diffusers.evaluation.stats import (feature_statistics, frechet_distance, inception_score,
-                                             kernel_inception_distance, precision_recall)
+from sida_diffusers.evaluation.stats import (
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 
 
 @dataclasses.dataclass(frozen=True)

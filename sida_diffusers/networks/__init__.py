@@ -2,10 +2,11 @@
 
 from sida_diffusers.networks.base import RETURN_FLAGS, Denoiser, edm_preconditioning, one_hot
 from sida_diffusers.networks.edm import DhariwalUNet, SongUNet
-from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.edm2 import normalize_mpconv_weights_
+from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from sida_diffusers.networks.precond_edm2 import EDM2Precond
+
 
 __all__ = [
     "Denoiser", "DhariwalUNet", "EDM2Precond", "EDMPrecond", "RETURN_FLAGS", "SongUNet", "UNetBlock", "VEPrecond",

@@ -14,6 +14,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.modeling_utils import ModelMixin
 
+
 RETURN_FLAGS = ("decoder", "encoder", "encoder_decoder")  # the values of `return_flag` (ALGORITHM.md §3)
 
 SigmaLike = Union[float, int, torch.Tensor, Sequence[float]]
@@ -69,6 +70,11 @@ class Denoiser(ModelMixin, ConfigMixin):
 
     #: attribute name of the raw UNet ("model" for EDM, "unet" for EDM2), as in the official state dicts
     backbone_name = "model"
+    #: the family the trainer and pipelines branch on (never on the class name): "edm" (EDM preconditioning over
+    #: SongUNet / ADM, pixel space) or "edm2" (EDM2's UNet, with its latent, loss and optimiser conventions)
+    family = "edm"
+    #: whether SiD / SiDA may distil this denoiser (its preconditioning is one the trainer supports, §1.2)
+    distillable = False
 
     # ---- to be provided by subclasses -------------------------------------------------------------------------
     def preconditioning(self, sigma: torch.Tensor):

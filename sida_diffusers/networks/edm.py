@@ -16,8 +16,15 @@ import torch
 from torch.nn.functional import silu
 
 from sida_diffusers.networks.base import RETURN_FLAGS
-from sida_diffusers.networks.edm_layers import (Conv2d, FourierEmbedding, GroupNorm, Linear, PositionalEmbedding,
-                                                UNetBlock)
+from sida_diffusers.networks.edm_layers import (
+    Conv2d,
+    FourierEmbedding,
+    GroupNorm,
+    Linear,
+    PositionalEmbedding,
+    UNetBlock,
+)
+
 
 class _EncoderDecoderUNet(torch.nn.Module):
     """The `return_flag` dispatch shared by both UNets (ALGORITHM.md §3).

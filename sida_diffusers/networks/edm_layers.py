@@ -13,6 +13,7 @@ import math
 import torch
 from torch.nn.functional import silu
 
+
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """Random weights of `shape` with the official EDM initialisation `mode`."""
     if mode == "xavier_uniform":

@@ -63,6 +63,8 @@ class _EDMFamilyPrecond(Denoiser):
 class EDMPrecond(_EDMFamilyPrecond):
     """EDM preconditioning (Karras et al. 2022): c_noise = ln(sigma)/4, unit-variance c_in/c_out."""
 
+    distillable = True
+
     @register_to_config
     def __init__(
         self,

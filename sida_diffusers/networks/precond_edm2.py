@@ -25,6 +25,9 @@ class EDM2Precond(Denoiser):
     Call contract: see `sida_diffusers.networks.base.Denoiser`. `use_fp16` runs the UNet in float16 on CUDA only.
     """
 
+    family = "edm2"
+    distillable = True
+
     backbone_name = "unet"
 
     @register_to_config

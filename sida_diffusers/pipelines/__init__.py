@@ -1,5 +1,6 @@
 """Sampling pipelines: the one-step SiDAPipeline and the teacher's EDM Heun sampler."""
 
+from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.pipelines.edm_sampler import (
     HEUN_PRESETS,
     EDMHeunPipeline,
@@ -8,7 +9,6 @@ from sida_diffusers.pipelines.edm_sampler import (
     heun_nfe,
     karras_sigmas,
 )
-from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.pipelines.pipeline_sida import (
     EDMFamilyPipeline,
     SiDAPipeline,
@@ -18,6 +18,7 @@ from sida_diffusers.pipelines.pipeline_sida import (
     seed_noise,
     uint8_to_pil,
 )
+
 
 __all__ = [
     "EDM2_LATENT_BIAS",

@@ -21,6 +21,7 @@ from sida_diffusers.networks import Denoiser
 from sida_diffusers.pipelines.pipeline_sida import EDMFamilyPipeline, GeneratorLike, LabelsLike
 from sida_diffusers.schedule import RHO, SIGMA_MAX, SIGMA_MIN, karras_interpolate
 
+
 # Algorithm 2 defaults (EDM generate.py; the same values are EDM2's sampler defaults).
 HEUN_DEFAULTS = dict(num_steps=18, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=RHO,
                      S_churn=0.0, S_min=0.0, S_max=math.inf, S_noise=1.0)

@@ -3,7 +3,7 @@
 Diffusers resolves each component of `model_index.json` by the library and class the file names, imports custom
 code a folder ships, and builds every network at the size its config.json asks for. A folder from the Hub is someone
 else's file, so before Diffusers reads it every entry is checked against an allow-list, and every component's
-config against the shapes its safetensors weights really hold, on the meta device (`sida_diffusers.model_files`).
+config against the shapes its safetensors weights really hold, on the meta device (`sida_diffusers.safe_io.model_files`).
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ from typing import Iterable, Optional
 
 from diffusers import AutoencoderKL
 
-from sida_diffusers.bounded_io import read_json
-from sida_diffusers.model_files import MAX_CONFIG_BYTES, check_model_folder
 from sida_diffusers.networks import denoiser_classes
 from sida_diffusers.pipelines.publishing import PublishingMixin, package_denoiser_module
 from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
+from sida_diffusers.safe_io.files import read_json
+from sida_diffusers.safe_io.model_files import MAX_CONFIG_BYTES, check_model_folder
+
 
 __all__ = ["allowed_components", "check_pipeline_folder"]
 

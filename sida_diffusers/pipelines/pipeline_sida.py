@@ -18,11 +18,13 @@ import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from sida_diffusers.latents import decode_latents, pixels_to_uint8, unit_to_uint8
+from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
+from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
 from sida_diffusers.pipelines.loading import check_pipeline_folder
 from sida_diffusers.pipelines.publishing import PublishingMixin
 from sida_diffusers.schedule import INIT_SIGMA
+
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
 # (ECOSYSTEM.md §1.3, `_get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.

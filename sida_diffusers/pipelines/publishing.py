@@ -24,9 +24,16 @@ from typing import Optional
 import PIL.Image
 from huggingface_hub import ModelCard, create_repo, upload_folder
 
-from sida_diffusers.bounded_io import check_image_size, read_json
-from sida_diffusers.pipelines.standalone import (COMPONENT_MODULE, STANDALONE_MODULE, STANDALONE_SOURCES,
-                                                 component_source, denoiser_classes, standalone_source)
+from sida_diffusers.pipelines.standalone import (
+    COMPONENT_MODULE,
+    STANDALONE_MODULE,
+    STANDALONE_SOURCES,
+    component_source,
+    denoiser_classes,
+    standalone_source,
+)
+from sida_diffusers.safe_io.files import check_image_size, read_json
+
 
 GRID_NAME = "samples_grid.png"
 MAX_CARD_BYTES = 8 << 20  # a model card is text of a few kB

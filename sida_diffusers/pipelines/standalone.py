@@ -27,11 +27,13 @@ import inspect
 import sida_diffusers
 from sida_diffusers.networks import denoiser_classes
 
+
 STANDALONE_MODULE = "sida_standalone"
 COMPONENT_MODULE = "sida_unet"
 # Inlined in this order: each module may only use names of the modules before it.
 STANDALONE_SOURCES = (
     "sida_diffusers.schedule",
+    "sida_diffusers.images",
     "sida_diffusers.latents",
     "sida_diffusers.networks.base",
     "sida_diffusers.networks.edm_layers",

@@ -5,5 +5,6 @@ from sida_diffusers.training.config import TrainConfig, build_parser, load_prese
 from sida_diffusers.training.ema import HalfLifeEMA
 from sida_diffusers.training.trainer import SiDATrainer, Stage
 
+
 __all__ = ["HalfLifeEMA", "SiDATrainer", "Stage", "TrainConfig", "build_parser", "list_checkpoints", "load_presets",
            "make_config", "parse_args", "resolve_checkpoint"]

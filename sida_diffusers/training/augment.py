@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+
 AUGMENT_DIM = 9  # length of the augment label, the denoiser's augment_dim (ALGORITHM.md §5.7)
 
 # Symlet-6 low-pass decomposition filter (Daubechies' least-asymmetric wavelet with 6 vanishing moments): orthonormal,

@@ -12,9 +12,9 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from sida_diffusers.data.datasets import TrainingDataset
 from sida_diffusers.latents import encode_latents
 from sida_diffusers.networks import one_hot
-from sida_diffusers.training.data import TrainingDataset
 
 
 class InfiniteBatchStream:

@@ -21,7 +21,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from sida_diffusers.bounded_io import read_json
+from sida_diffusers.safe_io.files import read_json
+
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_JSON = "training_state.json"

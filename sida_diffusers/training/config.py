@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from sida_diffusers.schedule import INIT_SIGMA
 
+
 PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
 METHODS = ("sid", "sida", "sid2a")
 LR_SCHEDULERS = ("constant", "linear", "cosine")

@@ -17,7 +17,7 @@ from sida_diffusers.training.config import TrainConfig
 def load_network(source: str) -> Denoiser:
     """A `--teacher` / `--generator_init` source, in float32: anything `load_denoiser` reads (the shipped 'digits' /
     'digits-uncond' teachers, an official .pkl, URL or known name, a Diffusers folder, a Hub repo)."""
-    from sida_diffusers.checkpoints import load_denoiser
+    from sida_diffusers.pretrained import load_denoiser
 
     return load_denoiser(source, dtype=torch.float32)
 
@@ -45,7 +45,7 @@ def derive_network(source: Denoiser, dropout: Optional[float] = None, logvar: Op
 def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]) -> tuple[Denoiser, Denoiser]:
     """``(fake_score, generator)``: the fake score always starts from the teacher, the generator from the teacher or
     SiD²A's SiD generator (ALGORITHM.md §2, §10 item 14); EDM2 generators have no logvar head (§1.3)."""
-    is_edm2 = type(teacher).__name__ == "EDM2Precond"
+    is_edm2 = teacher.family == "edm2"
     fake = derive_network(teacher, cfg.dropout, logvar=cfg.use_logvar if is_edm2 else None)
     gen = derive_network(init if init is not None else teacher, cfg.dropout, logvar=False if is_edm2 else None)
     for net in (fake, gen, teacher):

@@ -16,6 +16,7 @@ from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.pipelines import SiDAPipeline
 from sida_diffusers.training.config import TrainConfig
 
+
 LOSS_NAMES = ("fake_score_loss", "d_loss", "g_loss", "g_gan_loss")  # logged as in ALGORITHM.md §5.11
 GRID_BATCH = 64
 
@@ -150,7 +151,7 @@ def run_info(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_
             "mixed_precision": cfg.mixed_precision,
             "id2label": getattr(dataset, "id2label", None) if teacher.is_conditional else None,
             "label_dim": teacher.label_dim, "resolution": teacher.img_resolution, "channels": teacher.img_channels,
-            "latent": type(teacher).__name__ == "EDM2Precond", "metrics": dict(metrics or {}),
+            "latent": teacher.family == "edm2", "metrics": dict(metrics or {}),
             "teacher_metrics": dict(teacher_metrics) if teacher_metrics else None,
             "teacher_nfe": teacher_nfe if teacher_metrics else None,
             "sampling": {"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},

@@ -15,11 +15,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
-from sida_diffusers.bounded_io import read_json
 from sida_diffusers.digits import FD_DIGITS
 from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve
 from sida_diffusers.pipelines import EDMHeunPipeline
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, heun_nfe
+from sida_diffusers.safe_io.files import read_json
+
 
 SUMMARY_FILE = "summary.json"
 TEACHER_SAMPLER = "cifar10"  # 18 Heun steps, 35 NFE, deterministic (EDM's CIFAR-10 setting)

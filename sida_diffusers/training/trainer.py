@@ -26,13 +26,21 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from sida_diffusers.evaluation import plot_metric_curve
-from sida_diffusers.losses import (discriminator_loss, fake_score_loss, generator_sigma, lognormal_sigma,
-                                   nan_sample_mask, sid_generator_loss, sida_adversarial_loss)
+from sida_diffusers.losses import (
+    discriminator_loss,
+    fake_score_loss,
+    generator_sigma,
+    lognormal_sigma,
+    nan_sample_mask,
+    sid_generator_loss,
+    sida_adversarial_loss,
+)
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.training import checkpointing, launch, models, outputs, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
 from sida_diffusers.training.ema import HalfLifeEMA
+
 
 NETWORKS = ("generator", "generator_ema", "fake_score")
 PRECISION_NAMES = {"no": "fp32", "fp16": "fp16 networks", "bf16": "bf16 autocast"}
@@ -119,7 +127,7 @@ class SiDATrainer:
         cfg = self.cfg
         if cfg.train_data is None:
             return None
-        from sida_diffusers.training.data import build_dataset
+        from sida_diffusers.data.datasets import build_dataset
 
         return build_dataset(cfg.train_data, resolution=cfg.resolution, image_column=cfg.image_column,
                              label_column=cfg.label_column,
@@ -127,7 +135,7 @@ class SiDATrainer:
 
     @property
     def is_edm2(self) -> bool:
-        return type(self.teacher).__name__ == "EDM2Precond"
+        return self.teacher.family == "edm2"
 
     @property
     def img_shape(self) -> tuple:

@@ -12,6 +12,7 @@ from typing import Optional
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.training.config import TrainConfig
 
+
 _TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow"}
 
 
@@ -55,11 +56,10 @@ def batch_layout(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
 
 def check_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]) -> None:
     """The teacher is EDM/EDM2-preconditioned, the options fit it, and a SiD²A init matches it."""
-    name = type(teacher).__name__
-    if name not in ("EDMPrecond", "EDM2Precond"):
-        raise ValueError(f"the teacher is a {name}; SiD/SiDA support only EDM- and EDM2-preconditioned teachers "
+    if not teacher.distillable:
+        raise ValueError(f"the teacher is a {type(teacher).__name__}; SiD/SiDA support only EDM- and EDM2-preconditioned teachers "
                          "(ALGORITHM.md §1.2). Use an EDMPrecond teacher (every official edm-*.pkl is one).")
-    is_edm2 = name == "EDM2Precond"
+    is_edm2 = teacher.family == "edm2"
     if not is_edm2 and (cfg.use_logvar or cfg.force_normalization):
         raise ValueError("--use_logvar and --force_normalization are EDM2 options; drop them for an EDM teacher.")
     if cfg.use_logvar and not teacher.has_logvar:
@@ -69,7 +69,7 @@ def check_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]
                          f"(augment_dim=9), this one has augment_dim={teacher.augment_dim}; pass --augment_p 0.")
     if init is not None:
         got = (type(init).__name__, init.img_channels, init.img_resolution, init.label_dim)
-        want = (name, teacher.img_channels, teacher.img_resolution, teacher.label_dim)
+        want = (type(teacher).__name__, teacher.img_channels, teacher.img_resolution, teacher.label_dim)
         if got != want:
             raise ValueError(f"--generator_init is a {got[0]} for {got[1]}x{got[2]}x{got[2]} images with "
                              f"label_dim={got[3]}, the teacher a {want[0]} for {want[1]}x{want[2]}x{want[2]} with "
@@ -80,7 +80,7 @@ def check_data(dataset, teacher: Denoiser) -> None:
     """Real data of the teacher's shape, kind (pixels or EDM2 latents) and classes."""
     if dataset is None:
         return
-    t, is_edm2 = teacher, type(teacher).__name__ == "EDM2Precond"
+    t, is_edm2 = teacher, teacher.family == "edm2"
     if (dataset.num_channels, dataset.resolution) != (t.img_channels, t.img_resolution):
         r = dataset.resolution
         raise ValueError(f"the training data holds {dataset.num_channels}x{r}x{r} "

@@ -19,6 +19,7 @@ from typing import Optional, Union
 import numpy as np
 import PIL.Image
 
+
 MAX_JSON_BYTES = 256 << 20  # EDM's dataset.json for ImageNet-1k is ~60 MB; configs are a few kB
 MAX_IMAGE_PIXELS = 1 << 26  # 8192 x 8192; a header declaring more is a decompression bomb, not an image of ours
 MAX_DEFLATE_RATIO = 1032    # the most deflate can expand one byte (a 258-byte match per bit pair, RFC 1951)

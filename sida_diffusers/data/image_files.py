@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 
-from sida_diffusers.bounded_io import check_image_size, read_json, read_zip_member
+from sida_diffusers.safe_io.files import check_image_size, read_json, read_zip_member
+
 
 MAX_ITEM_BYTES = 256 << 20    # one encoded image, .npy latent or dataset.json (ImageNet's is ~60 MB)
 MAX_CLASSES = 100_000         # ImageNet-21k has 21,841; one-hot labels are [batch, classes]

@@ -19,7 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch.nn.modules import module as torch_module
 
-from sida_diffusers.bounded_io import read_json
+from sida_diffusers.safe_io.files import read_json
+
 
 __all__ = ["build_within", "check_shapes", "safetensors_shapes", "check_model_folder"]
 

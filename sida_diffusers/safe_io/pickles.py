@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+
 __all__ = ["UnsafeCheckpointError", "PickledModule", "load_official_pickle", "load_arrays_pickle", "plain"]
 
 

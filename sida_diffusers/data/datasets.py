@@ -19,9 +19,10 @@ import numpy as np
 import PIL.Image
 import torch
 
-from sida_diffusers.bounded_io import read_npy
+from sida_diffusers.data.image_files import MAX_CLASSES, Archive, archive_labels, image_array, open_image
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, encode_latents  # noqa: F401 (re-exported)
-from sida_diffusers.training.image_files import MAX_CLASSES, Archive, archive_labels, image_array, open_image
+from sida_diffusers.safe_io.files import read_npy
+
 
 # ---- the dataset -----------------------------------------------------------------------------------------------------
 
@@ -260,7 +261,7 @@ def build_dataset(
         raise ValueError(f"source must be 'digits', a path, a Hugging Face dataset id or a datasets.Dataset, got "
                          f"{source!r}.")
     if source == "digits":
-        from sida_diffusers.digits import DIGITS_RESOLUTION, load_digits_dataset
+        from sida_diffusers.data.digits import DIGITS_RESOLUTION, load_digits_dataset
 
         ds = load_digits_dataset(resolution or DIGITS_RESOLUTION)
         return _from_hf(ds, "digits", None, image_column, label_column, use_labels, max_size, keep)

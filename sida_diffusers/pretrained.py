@@ -1,10 +1,10 @@
 """Load official EDM / EDM2 / SiD / SiDA network pickles safely, and convert them to Diffusers model folders.
 
 Official checkpoints are `torch_utils.persistence` pickles whose network objects carry the source code that defined
-them; `sida_diffusers.safe_pickle` reads them without ever executing it (ALGORITHM.md §8). The `ema` network tree is
+them; `sida_diffusers.safe_io.pickles` reads them without ever executing it (ALGORITHM.md §8). The `ema` network tree is
 walked into a state dict with the official key names, and the matching `Denoiser` (`networks.denoiser_from_official`)
 is built on the meta device, checked shape by shape against it, and only then allocated and loaded, strictly
-(`sida_diffusers.model_files`). Diffusers folders get the same check from their config.json and safetensors headers.
+(`sida_diffusers.safe_io.model_files`). Diffusers folders get the same check from their config.json and safetensors headers.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from urllib.request import urlopen
 import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
-from sida_diffusers.bounded_io import read_json
-from sida_diffusers.model_files import build_within, check_model_folder, check_shapes
 from sida_diffusers.networks import Denoiser, denoiser_classes, denoiser_from_official
-from sida_diffusers.safe_pickle import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
+from sida_diffusers.safe_io.files import read_json
+from sida_diffusers.safe_io.model_files import build_within, check_model_folder, check_shapes
+from sida_diffusers.safe_io.pickles import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
 from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
+
 __all__ = [
-    "KNOWN_CHECKPOINTS", "OfficialCheckpoint", "UnsafeCheckpointError",
+    "KNOWN_NETWORKS", "OfficialPickle", "UnsafeCheckpointError",
     "read_official_pickle", "load_denoiser", "convert_official", "cached_download",
 ]
 
@@ -40,7 +41,7 @@ _SID = "UT-Austin-PML/SiD/"
 _SIDA = "UT-Austin-PML/SiDA/EDM_distillation/"
 _SIDA2 = "UT-Austin-PML/SiDA/EDM2_distillation/edm2_img512_"
 
-KNOWN_CHECKPOINTS = {
+KNOWN_NETWORKS = {
     # EDM teachers (§8.1)
     "edm-cifar10-32x32-uncond-vp": _EDM + "edm-cifar10-32x32-uncond-vp.pkl",
     "edm-cifar10-32x32-cond-vp": _EDM + "edm-cifar10-32x32-cond-vp.pkl",
@@ -118,7 +119,7 @@ KNOWN_CHECKPOINTS = {
 # Official pickles as plain data
 
 @dataclass
-class OfficialCheckpoint:
+class OfficialPickle:
     """What an official network pickle holds, as plain data.
 
     `class_name` and `init_kwargs` identify and configure the network (`networks.denoiser_from_official`),
@@ -162,7 +163,7 @@ def _collect_state_dict(module: PickledModule, prefix: str, out: dict, seen: set
     return out
 
 
-def read_official_pickle(path: Union[str, os.PathLike], key: str = "ema") -> OfficialCheckpoint:
+def read_official_pickle(path: Union[str, os.PathLike], key: str = "ema") -> OfficialPickle:
     """Read an official EDM/EDM2/SiD/SiDA `.pkl` without executing anything in it; the network is entry `key`."""
     path = Path(path)
     if not path.is_file():
@@ -190,7 +191,7 @@ def read_official_pickle(path: Union[str, os.PathLike], key: str = "ema") -> Off
         rest = {k: plain(v) for k, v in top.items() if k != key}
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from e
-    return OfficialCheckpoint(class_name=net.class_name, init_kwargs=init_kwargs, state_dict=state_dict,
+    return OfficialPickle(class_name=net.class_name, init_kwargs=init_kwargs, state_dict=state_dict,
                               dataset_kwargs=rest.pop("dataset_kwargs", None), encoder=rest.pop("encoder", None),
                               extras=rest)
 
@@ -277,7 +278,7 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
     """Load a denoiser in eval mode from any of the places official or converted weights live.
 
     `src`: a `Denoiser` (returned as is, moved to `device`/`dtype` if given), an official `.pkl` file, an http(s)
-    URL of one (cached in `cache_dir`, `$SIDA_CACHE` or ~/.cache/sida_diffusers), a name in `KNOWN_CHECKPOINTS`, a
+    URL of one (cached in `cache_dir`, `$SIDA_CACHE` or ~/.cache/sida_diffusers), a name in `KNOWN_NETWORKS`, a
     shipped teacher ('digits', 'digits-uncond', as `--teacher`), a Diffusers model folder, or a Hub reference:
     `owner/repo`, `owner/repo:subfolder` or `owner/repo/path/file.pkl`.
     `key` names the network entry of an official pickle. Official weights are loaded key for key (strict).
@@ -287,7 +288,7 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
     if not isinstance(src, (str, os.PathLike)):
         raise TypeError(f"load_denoiser expects a path, URL, checkpoint name, repo id or Denoiser, got {type(src)}")
     name = os.fspath(src)
-    src = os.fspath(shipped_teacher_path(name)) if name in SHIPPED_TEACHERS else KNOWN_CHECKPOINTS.get(name, name)
+    src = os.fspath(shipped_teacher_path(name)) if name in SHIPPED_TEACHERS else KNOWN_NETWORKS.get(name, name)
     path = Path(src).expanduser()
     if src.startswith(("http://", "https://")):
         model = _load_official(cached_download(src, cache_dir), key, src)
@@ -314,7 +315,7 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
         raise FileNotFoundError(
             f"{src!r} is not an existing file or folder, an http(s) URL, a known checkpoint name or a Hub repo id "
             f"('owner/repo', 'owner/repo:subfolder' or 'owner/repo/path/file.pkl'). Known names: "
-            f"{', '.join(sorted([*KNOWN_CHECKPOINTS, *SHIPPED_TEACHERS]))}.")
+            f"{', '.join(sorted([*KNOWN_NETWORKS, *SHIPPED_TEACHERS]))}.")
     return _move(model, device, dtype).eval()
 
 

@@ -5,6 +5,7 @@ import torch
 
 from sida_diffusers.training.augment import AUGMENT_DIM, AugmentPipe, rotate2d, translate2d, warp_images
 
+
 ONLY_XFLIP = dict(yflip=0, scale=0, rotate_frac=0, aniso=0, translate_frac=0)
 ONLY_TRANSLATE = dict(xflip=0, yflip=0, scale=0, rotate_frac=0, aniso=0)
 

@@ -7,9 +7,11 @@ import pytest
 
 from conftest import REPO_ROOT
 
+
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 import bench_sample  # noqa: E402
 import bench_train  # noqa: E402
+
 
 TRAIN_KEYS = {"preset", "device", "precision", "tf32", "channels_last", "compile", "train_batch_size", "img_per_s",
               "s_per_kimg", "s_per_iter", "peak_alloc_gb", "peak_reserved_gb", "phase_ms", "phase_calls", "stage",

@@ -17,14 +17,20 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES_DIR, FIXTURES_MISSING
 from safetensors.torch import load_file
 
-from sida_diffusers import checkpoints
-from sida_diffusers.checkpoints import (
-    KNOWN_CHECKPOINTS, UnsafeCheckpointError, convert_official, load_denoiser, read_official_pickle,
-)
+from sida_diffusers import pretrained as checkpoints
 from sida_diffusers.cli.convert import main as convert_main
+from sida_diffusers.pretrained import (
+    KNOWN_NETWORKS,
+    UnsafeCheckpointError,
+    convert_official,
+    load_denoiser,
+    read_official_pickle,
+)
+
+from conftest import FIXTURES_DIR, FIXTURES_MISSING
+
 
 NETWORK_FIXTURES = ["edm_ddpmpp_cond", "edm_ddpmpp_uncond", "vp_ddpmpp_uncond", "ve_ncsnpp_uncond", "edm_adm_cond",
                     "edm2_latent_cond", "edm2_pixel_cond", "edm2_latent_uncond"]
@@ -267,7 +273,7 @@ def test_hub_pickle_path_and_known_name_request_the_right_file(official_pkl, mon
         return str(official_pkl("edm_ddpmpp_uncond"))
     monkeypatch.setattr(checkpoints, "hf_hub_download", fake_hf_hub_download)
     hub_path = "UT-Austin-PML/SiDA/EDM_distillation/cifar10_uncond_sida_alpha1-217920.pkl"
-    assert KNOWN_CHECKPOINTS["sida-cifar10-uncond"] == hub_path
+    assert KNOWN_NETWORKS["sida-cifar10-uncond"] == hub_path
     model = load_denoiser(hub_path)
     load_denoiser("sid-edm2-xxl")
     assert requests == [("UT-Austin-PML/SiDA", "EDM_distillation/cifar10_uncond_sida_alpha1-217920.pkl"),
@@ -307,7 +313,7 @@ def test_url_is_downloaded_once_into_the_cache(official_pkl, tmp_path, monkeypat
     monkeypatch.setattr(checkpoints, "urlopen", fake_urlopen)
     monkeypatch.setenv("SIDA_CACHE", str(tmp_path / "cache"))
     first = load_denoiser("edm-cifar10-32x32-uncond-vp")
-    second = load_denoiser(KNOWN_CHECKPOINTS["edm-cifar10-32x32-uncond-vp"])
+    second = load_denoiser(KNOWN_NETWORKS["edm-cifar10-32x32-uncond-vp"])
     assert urls == ["https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl"]
     cached = tmp_path / "cache" / "nvlabs-fi-cdn.nvidia.com" / "edm-cifar10-32x32-uncond-vp.pkl"
     assert cached.read_bytes() == official_pkl("edm_ddpmpp_uncond").read_bytes()
@@ -321,10 +327,10 @@ def test_a_denoiser_is_returned_as_is(official_pkl):
 
 
 def test_known_checkpoints_point_at_official_pickles():
-    assert len(KNOWN_CHECKPOINTS) == 5 + 6 + 12 + 5 + 15 + 18
-    assert KNOWN_CHECKPOINTS["edm2-img512-xxl"] == ("https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
+    assert len(KNOWN_NETWORKS) == 5 + 6 + 12 + 5 + 15 + 18
+    assert KNOWN_NETWORKS["edm2-img512-xxl"] == ("https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/"
                                                     "edm2-img512-xxl-0939524-0.070.pkl")
-    for name, where in KNOWN_CHECKPOINTS.items():
+    for name, where in KNOWN_NETWORKS.items():
         assert where.endswith(".pkl"), name
         if not where.startswith("https://nvlabs-fi-cdn.nvidia.com/"):
             repo_id, filename = checkpoints._split_hub_source(where)
@@ -340,7 +346,7 @@ def test_edm2_teachers_answer_to_the_official_fid_and_dino_preset_names(official
     monkeypatch.setattr(checkpoints, "urlopen", fake_urlopen)
     monkeypatch.setenv("SIDA_CACHE", str(tmp_path / "cache"))
     for size in ("xs", "s", "m", "l", "xl", "xxl"):  # "-fid" is EDM2's name for the FID-optimal EMA we default to
-        assert KNOWN_CHECKPOINTS[f"edm2-img512-{size}-fid"] == KNOWN_CHECKPOINTS[f"edm2-img512-{size}"]
+        assert KNOWN_NETWORKS[f"edm2-img512-{size}-fid"] == KNOWN_NETWORKS[f"edm2-img512-{size}"]
     assert type(load_denoiser("edm2-img512-s-dino")).__name__ == "EDM2Precond"
     assert urls == ["https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.190.pkl"]
 

@@ -4,10 +4,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from test_pipeline import tiny_edm
 
 from sida_diffusers.cli import SPELLING_NOTE, convert, evaluate, export, ref_stats, sample
 from sida_diffusers.pipelines import SiDAPipeline
+
+from conftest import tiny_edm
+
 
 COMMANDS = {"sida-convert": convert, "sida-export": export, "sida-sample": sample, "sida-eval": evaluate,
             "sida-ref-stats": ref_stats}

@@ -7,10 +7,10 @@ import PIL.Image
 import pytest
 import torch
 
+from sida_diffusers.data.datasets import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, build_dataset, encode_latents
 from sida_diffusers.digits import load_digits_dataset
 from sida_diffusers.networks import one_hot
 from sida_diffusers.training.batches import InfiniteBatchStream
-from sida_diffusers.training.data import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, build_dataset, encode_latents
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sida_diffusers.pipelines import SiDAPipeline
 from sida_diffusers.cli.train import main
+from sida_diffusers.pipelines import SiDAPipeline
 from sida_diffusers.training.config import make_config
 from sida_diffusers.training.summary import format_summary
 

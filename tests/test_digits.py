@@ -5,9 +5,18 @@ import json
 import pytest
 import torch
 
-from sida_diffusers.digits import (ASSETS_DIR, DIGITS_ID2LABEL, FD_DIGITS, DigitsFeatureNet, digits_holdout_split,
-                                   load_digits_classifier, load_digits_feature_extractor,
-                                   load_digits_teacher, load_digits_tensors, register_digits_metric)
+from sida_diffusers.digits import (
+    ASSETS_DIR,
+    DIGITS_ID2LABEL,
+    FD_DIGITS,
+    DigitsFeatureNet,
+    digits_holdout_split,
+    load_digits_classifier,
+    load_digits_feature_extractor,
+    load_digits_teacher,
+    load_digits_tensors,
+    register_digits_metric,
+)
 from sida_diffusers.networks.precond import EDMPrecond
 
 

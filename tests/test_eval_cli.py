@@ -12,6 +12,7 @@ from sida_diffusers.evaluation import MetricSuite, load_reference, register_feat
 from sida_diffusers.networks.precond import EDMPrecond
 from sida_diffusers.pipelines import SiDAPipeline
 
+
 RES, LABEL_DIM = 8, 3
 
 

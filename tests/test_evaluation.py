@@ -14,11 +14,26 @@ import numpy as np
 import pytest
 import torch
 
-from sida_diffusers.evaluation import (BestTracker, DINOv2Features, InceptionFeatures, MetricSuite,
-                                       append_metrics_jsonl, evaluate_repeats, feature_statistics, frechet_distance,
-                                       inception_score, kernel_inception_distance, load_reference, plot_metric_curve,
-                                       parse_result_key, precision_recall, register_feature_metric, result_keys,
-                                       save_reference)
+from sida_diffusers.evaluation import (
+    BestTracker,
+    DINOv2Features,
+    InceptionFeatures,
+    MetricSuite,
+    append_metrics_jsonl,
+    evaluate_repeats,
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    kernel_inception_distance,
+    load_reference,
+    parse_result_key,
+    plot_metric_curve,
+    precision_recall,
+    register_feature_metric,
+    result_keys,
+    save_reference,
+)
+
 
 RES = 8
 

@@ -11,11 +11,13 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from sida_diffusers.data.datasets import build_dataset
 from sida_diffusers.networks.precond import EDMPrecond
 from sida_diffusers.training import SiDATrainer, Stage, make_config
 from sida_diffusers.training.augment import AugmentPipe
-from sida_diffusers.training.data import build_dataset
-from test_trainer import params
+
+from conftest import params
+
 
 # cur_nimg 0 (stage 1: G held), 4 (stage 2: SiD), 8 and 12 (stage 3: SiDA) with 4 images per iteration.
 STAGES = [(False, False), (True, False), (True, True), (True, True)]

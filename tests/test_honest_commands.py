@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import REPO_ROOT, requires_fixtures
-from test_hostile_archives import png_header
-from test_pipeline import tiny_edm
 
 from sida_diffusers.cli import convert, evaluate, export, ref_stats, sample
 from sida_diffusers.pipelines import SiDAPipeline
+
+from conftest import REPO_ROOT, png_header, requires_fixtures, tiny_edm
 
 
 def fails_in_one_line(capsys, command, argv, *problem):

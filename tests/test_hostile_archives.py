@@ -9,30 +9,23 @@ import io
 import json
 import struct
 import zipfile
-import zlib
 
 import datasets
 import numpy as np
 import PIL.Image
 import pytest
 
-from sida_diffusers.training.data import build_dataset
-from sida_diffusers.bounded_io import MAX_IMAGE_PIXELS
-from sida_diffusers.training.image_files import MAX_CLASSES, MAX_ITEM_BYTES
+from sida_diffusers.data.datasets import build_dataset
+from sida_diffusers.data.image_files import MAX_CLASSES, MAX_ITEM_BYTES
+from sida_diffusers.safe_io.files import MAX_IMAGE_PIXELS
+
+from conftest import png_header
 
 
 def png(value=0, size=8):
     buf = io.BytesIO()
     PIL.Image.fromarray(np.full((size, size, 3), value, np.uint8)).save(buf, format="png")
     return buf.getvalue()
-
-
-def png_header(width, height):
-    """A PNG whose header declares width x height 8-bit grey pixels, in 70 bytes."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
 
 
 def image_zip(path, members, compression=zipfile.ZIP_STORED):

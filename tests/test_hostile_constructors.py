@@ -11,15 +11,15 @@ import os
 
 import pytest
 import torch
-from conftest import FIXTURES_DIR, requires_fixtures
 from safetensors.torch import save_file
-from test_pipeline import tiny_edm, tiny_vae
 
-from sida_diffusers.checkpoints import load_denoiser
-from sida_diffusers.model_files import build_within, check_shapes
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.precond import iDDPMPrecond
 from sida_diffusers.pipelines import SiDAPipeline
+from sida_diffusers.pretrained import load_denoiser
+from sida_diffusers.safe_io.model_files import build_within, check_shapes
+
+from conftest import FIXTURES_DIR, requires_fixtures, tiny_edm, tiny_vae
 
 
 def fixtures_tool():

@@ -14,14 +14,15 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import requires_fixtures
 from test_hostile_constructors import fixtures_tool
-from test_hostile_tensor_records import Call, refused
-from test_pipeline import tiny_edm
 
-from sida_diffusers.checkpoints import load_denoiser, read_official_pickle
 from sida_diffusers.cli.evaluate import load_label_pool
 from sida_diffusers.evaluation import load_reference
+from sida_diffusers.pretrained import load_denoiser, read_official_pickle
+
+from conftest import Call, requires_fixtures, tiny_edm
+from conftest import refused_file as refused
+
 
 def reference_pickle(tmp_path, mu, protocol=4):
     path = tmp_path / "img512.pkl"

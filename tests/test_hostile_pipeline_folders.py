@@ -10,9 +10,11 @@ import pickle
 import sys
 
 import pytest
-from test_pipeline import tiny_edm, tiny_vae
 
 from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, EDMHeunPipeline, SiDAPipeline
+
+from conftest import tiny_edm, tiny_vae
+
 
 EVIL = "evil_module_for_sida_tests"
 

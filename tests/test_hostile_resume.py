@@ -9,7 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from sida_diffusers.training import SiDATrainer
 from sida_diffusers.training.checkpointing import STATE_JSON, STATE_TENSORS, load_state, save_state
-from test_trainer import digits8, tiny_config, tiny_teacher  # noqa: F401 (digits8 is a fixture)
+
+from conftest import tiny_config, tiny_teacher
 
 
 @pytest.fixture(scope="module")

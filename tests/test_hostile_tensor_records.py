@@ -15,19 +15,12 @@ import numpy as np
 import pytest
 import torch
 
-from sida_diffusers.checkpoints import load_denoiser, read_official_pickle
 from sida_diffusers.evaluation import load_reference
-from sida_diffusers.safe_pickle import load_official_pickle
+from sida_diffusers.pretrained import load_denoiser, read_official_pickle
+from sida_diffusers.safe_io.pickles import load_official_pickle
 
-
-class Call:
-    """Pickles as `func(*args)` (then BUILD with `state`): how official pickles record tensors and numpy arrays."""
-
-    def __init__(self, func, *args, state=None):
-        self.func, self.args, self.state = func, args, state
-
-    def __reduce__(self):
-        return (self.func, self.args) if self.state is None else (self.func, self.args, self.state)
+from conftest import Call
+from conftest import refused_file as refused
 
 
 def float_storage(numel):
@@ -44,15 +37,6 @@ def checkpoint(tmp_path, entry, name="net.pkl"):
     path = tmp_path / name
     path.write_bytes(pickle.dumps({"ema": entry}, protocol=4))
     return path
-
-
-def refused(load, path, *problem):
-    """`load(path)` raises a ValueError naming the file and every word of the problem."""
-    with pytest.raises(ValueError) as error:
-        load(path)
-    message = str(error.value)
-    assert str(path) in message and all(word in message for word in problem), message
-    return message
 
 
 # ---- views of a storage ----------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import PIL.Image
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_pipeline import tiny_edm, tiny_vae
 
 from sida_diffusers import hub
 from sida_diffusers.cli import export as export_cli
 from sida_diffusers.evaluation import parse_result_key, result_keys
 from sida_diffusers.pipelines import EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
+
+from conftest import tiny_edm, tiny_vae
 
 
 RUN_INFO = {"method": "sida", "alpha": 1.0, "teacher": "edm-cifar10-32x32-cond-vp", "dataset": "cifar10-32x32.zip",

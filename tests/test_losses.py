@@ -5,9 +5,18 @@ import math
 import pytest
 import torch
 
-from sida_diffusers.losses import (discriminator_loss, edm_weight, fake_score_loss, generator_sigma, karras_sigma,
-                                   lognormal_sigma, nan_sample_mask, sid_generator_loss, sid_normalizer,
-                                   sida_adversarial_loss)
+from sida_diffusers.losses import (
+    discriminator_loss,
+    edm_weight,
+    fake_score_loss,
+    generator_sigma,
+    karras_sigma,
+    lognormal_sigma,
+    nan_sample_mask,
+    sid_generator_loss,
+    sid_normalizer,
+    sida_adversarial_loss,
+)
 
 
 def img(*values):

@@ -8,11 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FIXTURES_DIR, requires_fixtures
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.edm import DhariwalUNet, SongUNet
 from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
+
+from conftest import FIXTURES_DIR, requires_fixtures
 
 
 EDM_FIXTURES = ["edm_ddpmpp_uncond", "edm_ddpmpp_cond", "vp_ddpmpp_uncond", "ve_ncsnpp_uncond", "edm_adm_cond"]

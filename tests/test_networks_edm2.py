@@ -11,6 +11,7 @@ from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.edm2 import MPConv, UNet, normalize, normalize_mpconv_weights_, resample
 from sida_diffusers.networks.precond_edm2 import EDM2Precond
 
+
 FIXTURES = ["edm2_latent_cond", "edm2_pixel_cond", "edm2_latent_uncond"]
 TINY = dict(img_resolution=8, img_channels=3, label_dim=4, use_fp16=False, model_channels=8,
             channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), channels_per_head=8)

@@ -9,34 +9,9 @@ import torch
 from diffusers import AutoencoderKL
 
 from sida_diffusers.cli import sample as sample_cli
-from sida_diffusers.networks.precond import EDMPrecond
 from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
 
-ID2LABEL = {0: "zero, nought", 1: "one", 2: "two"}
-
-
-def tiny_edm(label_dim=0, channels=3, augment_dim=9, resolution=8, seed=0):
-    """A real EDMPrecond + SongUNet small enough to run in milliseconds.
-
-    Weights are redrawn N(0, 0.3^2): EDM's zero-initialised output layer would otherwise make F ~ 1e-5, so images
-    would not depend on labels or on the network at all.
-    """
-    net = EDMPrecond(img_resolution=resolution, img_channels=channels, label_dim=label_dim, model_type="SongUNet",
-                     model_kwargs=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
-                                       augment_dim=augment_dim, dropout=0.0))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=g))
-    return net.eval()
-
-
-def tiny_vae():
-    """A random AutoencoderKL with 4 latent channels and a 2x upsampling decoder."""
-    torch.manual_seed(1)
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=4, sample_size=16).eval()
+from conftest import ID2LABEL, tiny_edm, tiny_vae
 
 
 def make_pipe(**kwargs):

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 
-from sida_diffusers.checkpoints import load_denoiser
+from sida_diffusers.pretrained import load_denoiser
 from sida_diffusers.training import SiDATrainer, list_checkpoints, parse_args
-from test_trainer import params, tiny_teacher
+
+from conftest import params, tiny_teacher
+
 
 # A training process that SIGKILLs itself at a chosen point of the checkpoint written at KILL_AT images: "after" it
 # is complete, or "during" its write (the networks written, the training state not yet).

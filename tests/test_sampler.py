@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_pipeline import tiny_edm
 
 from sida_diffusers.pipelines import (
     HEUN_PRESETS,
@@ -16,6 +15,7 @@ from sida_diffusers.pipelines import (
     seed_generators,
 )
 
+from conftest import tiny_edm
 
 
 def heun_pipe(**kwargs):

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
-from test_pipeline import ID2LABEL, tiny_edm, tiny_vae
 
 from sida_diffusers.networks import EDM2Precond
 from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, seed_generators
 from sida_diffusers.pipelines.standalone import STANDALONE_SOURCES, component_source, standalone_source
+
+from conftest import ID2LABEL, tiny_edm, tiny_vae
+
 
 torch.set_num_threads(1)
 SEEDS = [0, 1, 2, 3]

@@ -6,39 +6,10 @@ import math
 import pytest
 import torch
 
-from sida_diffusers.networks.precond import EDMPrecond
+from sida_diffusers.data.datasets import build_dataset
 from sida_diffusers.training import HalfLifeEMA, SiDATrainer, Stage, TrainConfig, load_presets, make_config, parse_args
-from sida_diffusers.training.data import build_dataset
 
-
-def tiny_teacher(label_dim=10, augment_dim=0, channels=1, resolution=8, seed=0):
-    """An EDM-preconditioned DDPM++ SongUNet small enough for a CPU step in well under a second."""
-    torch.manual_seed(seed)
-    return EDMPrecond(img_resolution=resolution, img_channels=channels, label_dim=label_dim, model_type="SongUNet",
-                      model_kwargs=dict(model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[],
-                                        augment_dim=augment_dim, dropout=0.1)).eval()
-
-
-def tiny_config(tmp_path, **overrides):
-    values = dict(teacher="tiny", method="sida", train_data="digits", resolution=8, train_batch_size=4,
-                  total_batch_size=8, warmup_kimg=0.008, adversarial_start_kimg=0.016, max_train_kimg=0.032,
-                  checkpointing_kimg=0.016, log_every_kimg=0.008, ema_halflife_kimg=0.05, lr=1e-3, glr=1e-3,
-                  sample_grid_size=2, seed=1, cpu=True, output_dir=str(tmp_path / "run"))
-    return make_config(**{**values, **overrides})
-
-
-@pytest.fixture(scope="module")
-def digits8():
-    return build_dataset("digits", resolution=8)
-
-
-@pytest.fixture(scope="module")
-def digits16():
-    return build_dataset("digits")
-
-
-def params(net):
-    return torch.cat([p.detach().flatten() for p in net.parameters()]).clone()
+from conftest import params, pixel_features, tiny_config, tiny_teacher
 
 
 # ---- config and presets ------------------------------------------------------------------------------------------------
@@ -164,12 +135,6 @@ def test_fake_score_and_generator_start_from_the_teacher_with_the_requested_drop
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def pixel_features():
-    """A fixed random projection of 8x8 grey images: a stand-in feature network for the metric wiring."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)).eval().requires_grad_(False)
-
-
 def test_end_to_end_sida_with_augmentation_and_evaluation_on_digits(tmp_path, digits8):
     from sida_diffusers.evaluation import register_feature_metric
     from sida_diffusers.pipelines.pipeline_sida import SiDAPipeline
@@ -201,7 +166,7 @@ def test_end_to_end_sida_with_augmentation_and_evaluation_on_digits(tmp_path, di
 
 def tiny_latents(n=32, resolution=8):
     """An EDM2-style latent dataset: float32 [8,H,W] moments (4 means, 4 stds) with 10 classes."""
-    from sida_diffusers.training.data import TrainingDataset
+    from sida_diffusers.data.datasets import TrainingDataset
 
     g = torch.Generator().manual_seed(0)
     moments = torch.cat([torch.randn(n, 4, resolution, resolution, generator=g) * 4,

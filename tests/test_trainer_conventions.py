@@ -9,10 +9,10 @@ import pytest
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
-from conftest import REPO_ROOT
 from sida_diffusers.training import SiDATrainer, make_config, parse_args
 from sida_diffusers.training.config import resolve_mixed_precision
-from test_trainer import digits8, tiny_config, tiny_teacher  # noqa: F401 (digits8 is a fixture)
+
+from conftest import REPO_ROOT, tiny_config, tiny_teacher
 
 
 # ---- precision: the flag, else Accelerate's launch setting, else the preset ------------------------------------------
@@ -109,7 +109,8 @@ class RecordingTracker(GeneralTracker):
 
 def test_trackers_get_losses_evaluations_and_sample_grids_stepped_by_images(tmp_path, digits8):  # noqa: F811
     from sida_diffusers.evaluation import register_feature_metric
-    from test_trainer import pixel_features
+
+    from conftest import pixel_features
 
     register_feature_metric("fd_pixels8", pixel_features)
     tracker = RecordingTracker()

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from test_trainer import tiny_teacher
+from conftest import tiny_teacher
+
 
 SCRIPT = """
 import sys, torch

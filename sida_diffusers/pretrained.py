@@ -254,7 +254,7 @@ def _load_official(path: Path, key: str, label: str) -> Denoiser:
 
 def _move(model: Denoiser, device, dtype) -> Denoiser:
     # torch's Module.to: diffusers 0.42's ModelMixin.to logs a spurious fp32-modules warning on every dtype cast
-    # (ECOSYSTEM.md §1.1); nothing else differs.
+    # even when no module is kept in fp32; nothing else differs.
     return torch.nn.Module.to(model, device=device, dtype=dtype) if device is not None or dtype is not None else model
 
 

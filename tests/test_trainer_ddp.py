@@ -1,4 +1,4 @@
-"""Two CPU processes under torchrun (gloo): the recipe of ECOSYSTEM.md §7, since `accelerate launch --cpu` runs one."""
+"""Two CPU processes under torchrun (gloo), the README's recipe, since `accelerate launch --cpu` runs one."""
 
 import json
 import os

@@ -27,7 +27,7 @@ from sida_diffusers.schedule import INIT_SIGMA
 
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
-# (ECOSYSTEM.md §1.3, `_get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
+# (`pipeline_loading_utils._get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -108,7 +108,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
             )
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
-        # Hub round trips turn the int keys into strings (ECOSYSTEM.md §1.2): store them as ints again.
+        # JSON (config.json, Hub round trips) turns the int keys into strings: store them as ints again.
         id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
         # config.json holds plain lists (the constants of sida_diffusers.latents are tensors)
         latent_scale, latent_bias = (None if v is None else [float(c) for c in v] for v in (latent_scale, latent_bias))
@@ -125,7 +125,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`.
 
         Diffusers' own `download` rejects component classes from third-party packages unless the repo ships their
-        source (ECOSYSTEM.md §1.3(B)); loading from the local snapshot then resolves `sida_diffusers.*` classes.
+        source in the repo; loading from the local snapshot then resolves `sida_diffusers.*` classes.
         """
         from huggingface_hub import snapshot_download
         from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -273,7 +273,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         """Unit Gaussian noise eps of the network's shape (the user's `latents` if given), float32 on `device`.
 
         Drawn with `randn_tensor`, which with per-image CPU generators is bit-identical to EDM's
-        StackedRandomGenerator (ECOSYSTEM.md §1.4).
+        StackedRandomGenerator (each image's noise is one `torch.randn` call on its own generator).
         """
         shape = self.sample_shape(batch_size)
         if latents is None:

@@ -2,7 +2,7 @@
 the standalone module that lets plain Diffusers load it.
 
 `PublishingMixin` gives `SiDAPipeline`:
-* `save_pretrained`: Diffusers' folder, then the remote-code layout (ECOSYSTEM.md §1.3 (A)): `sida_standalone.py` at
+* `save_pretrained`: Diffusers' folder, then the remote-code layout (docs/ARCHITECTURE.md §4): `sida_standalone.py` at
   the root and `unet/sida_unet.py` (see `standalone`), named in `model_index.json`, so that
   `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works without this package; then the pipeline's
   `model_card` (README.md), `sample_grid` (samples_grid.png) and `run_info` (run_info.json) when it has them.

@@ -2,7 +2,7 @@
 
 Diffusers loads a pipeline whose classes live outside Diffusers with `DiffusionPipeline.from_pretrained(repo,
 trust_remote_code=True)` when the repository ships their source: a pipeline module at the root and a component module
-in the component's folder, both named in `model_index.json` (ECOSYSTEM.md §1.3 (A);
+in the component's folder, both named in `model_index.json` (
 `diffusers.pipelines.pipeline_loading_utils._resolve_custom_pipeline_and_cls` and `get_class_obj_and_candidates`).
 `standalone_source()` builds that module from this package's own source: the modules in `STANDALONE_SOURCES` are
 concatenated in dependency order, their third-party imports gathered at the top and their imports of each other

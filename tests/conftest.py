@@ -3,6 +3,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -121,6 +122,16 @@ def digits8():
 @pytest.fixture(scope="module")
 def digits16():
     return build_dataset("digits")
+
+
+def edm_uint8(x):
+    """ALGORITHM.md §2: (x * 127.5 + 128).clamp(0, 255), truncated; NHWC."""
+    return (x.double() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def edm_np(x):
+    """What output_type="np" holds for generator output x: EDM's uint8 image / 255 as float32 (Diffusers' range)."""
+    return edm_uint8(x).astype(np.float32) / 255
 
 
 def params(net):

@@ -1,4 +1,4 @@
-"""SiDAPipeline: one network evaluation per image from a SiD / SiDA / SiD²A generator (ALGORITHM.md §2).
+"""SiDAPipeline: one (or a few) network evaluations per image from a SiD / SiDA / SiD²A generator (ALGORITHM.md §2, §11).
 
 `EDMFamilyPipeline` holds what every pipeline over an EDM/EDM2 denoiser shares (the teacher's Heun sampler in
 `edm_sampler.py` subclasses it too): class-label parsing, noise drawing with EDM-style per-seed generators, the EDM2
@@ -21,9 +21,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
+from sida_diffusers.pipelines.few_step import few_step_generate, inference_sigmas
 from sida_diffusers.pipelines.loading import check_pipeline_folder
 from sida_diffusers.pipelines.publishing import PublishingMixin
-from sida_diffusers.schedule import INIT_SIGMA
+from sida_diffusers.schedule import INIT_SIGMA, RENOISE_MODES, check_step_sigmas
 
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
@@ -313,13 +314,15 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
 
 class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
-    r"""One-step generation with a generator distilled by SiD, SiDA or SiD²A.
+    r"""One-step (or few-step) generation with a generator distilled by SiD, SiDA or SiD²A.
 
-    Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
+    Components: `unet`, the generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
     Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
-    None for pixel models). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
+    None for pixel models), `step_sigmas` (the K noise levels the generator was trained to be applied at, starting at
+    `init_sigma`; `[init_sigma]` for a one-step generator, and for folders saved before few-step training existed)
+    and `renoise` ("fresh" or "fixed" noise between steps, ALGORITHM.md §11.3). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
     trust_remote_code=True)` where this package is not installed, and keep their model card (`PublishingMixin`).
 
     ```py
@@ -336,12 +339,23 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         id2label: Optional[dict] = None,    # class index -> name(s)
         latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
         latent_bias: Optional[list] = None,   # EDM2: per-channel latent bias (§6.1)
+        step_sigmas: Optional[list] = None,   # the trained step grid, highest first (§11.1); None: [init_sigma]
+        renoise: str = "fresh",               # noise between steps: "fresh" draws, or "fixed" = the first draw (§11.3)
     ):
         super().__init__()
         if not float(init_sigma) > 0:
             raise ValueError(f"init_sigma must be positive (the official value is {INIT_SIGMA}), got {init_sigma}.")
+        step_sigmas = [float(init_sigma)] if step_sigmas is None else list(step_sigmas)
+        step_sigmas = check_step_sigmas(step_sigmas, len(step_sigmas), float(init_sigma))
+        if renoise not in RENOISE_MODES:
+            raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}.")
         self._register_common(unet, vae, id2label, latent_scale, latent_bias)
-        self.register_to_config(init_sigma=float(init_sigma))
+        self.register_to_config(init_sigma=float(init_sigma), step_sigmas=step_sigmas, renoise=renoise)
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of steps the generator was trained for (1 for a one-step generator)."""
+        return len(self.config.step_sigmas or [self.config.init_sigma])
 
     @torch.no_grad()
     def __call__(
@@ -350,10 +364,11 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         class_labels: LabelsLike = None,
         generator: GeneratorLike = None,
         latents: Optional[torch.Tensor] = None,
-        num_inference_steps: int = 1,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         label_pool: Optional[Sequence[int]] = None,
+        sigmas: Optional[Sequence[float]] = None,
     ):
         r"""Generate `batch_size` images.
 
@@ -366,30 +381,39 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
                 i then depends only on generator i, whatever the batch composition).
             latents: unit Gaussian noise `[N, C, H, W]` to use instead of drawing it; the generator sees
                 `init_sigma * latents`.
-            num_inference_steps: 1 is the one-step generator. K > 1 re-noises with sigma_k = init_sigma (K-k)/K and
-                re-applies the generator (ALGORITHM.md §2 multistep option).
+            num_inference_steps: k network evaluations per image, along the first k levels of the trained grid
+                `step_sigmas` (ALGORITHM.md §11.4); default: all K the generator was trained for (1 for a one-step
+                generator). More than K is refused: pass `sigmas` for an untrained schedule.
             output_type: "pil", "np" (float32 `[N, H, W, C]` in [0, 1], Diffusers' convention: the exact EDM uint8
                 image / 255, so `np_to_uint8(images)` gives its bytes) or "pt" (float `[N, C, H, W]` in [0, 1], not
                 quantised).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             label_pool: with `class_labels=None`, draw each image's label from these class labels (e.g. the training
                 set's, as the paper's evaluation does) instead of uniformly over the classes.
+            sigmas: an explicit, strictly decreasing schedule of noise levels to run instead of the trained grid (as
+                Diffusers' `sigmas` argument); a warning says so when it is not what the generator was trained on.
         """
+        # 1. Check inputs; the noise levels to run: a prefix of the trained grid, or the caller's `sigmas` (§11.4)
         generator = self.check_common_inputs(batch_size, output_type, generator)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        sigmas = inference_sigmas(self.config.step_sigmas or [self.config.init_sigma], num_inference_steps, sigmas)
+        # 2. Noise, then (per image, from the same generator) the labels
         device = self._execution_device
         eps = self.prepare_noise(batch_size, generator, latents, device)
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device, label_pool)
+        # 3. The generator along the grid; fresh noise between steps comes from the same generators, after the labels
+        bar = self.progress_bar(total=len(sigmas)) if len(sigmas) > 1 else None
 
-        init_sigma = self.config.init_sigma
-        x = self.run_generator(init_sigma * eps, init_sigma, labels)
-        steps = range(1, num_inference_steps)
-        for k in self.progress_bar(steps) if num_inference_steps > 1 else steps:
-            sigma_k = init_sigma * (num_inference_steps - k) / num_inference_steps
-            noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
-            x = self.run_generator(x + sigma_k * noise, sigma_k, labels)
+        def generate_at(x, sigma):
+            x = self.run_generator(x, sigma, labels)
+            if bar is not None:
+                bar.update()
+            return x
 
+        draw = lambda: randn_tensor(eps.shape, generator=generator, device=device, dtype=torch.float32)
+        x = few_step_generate(generate_at, eps, sigmas, self.config.renoise or "fresh", draw)
+        if bar is not None:
+            bar.close()
+        # 4. Decode (EDM2 latents: once, after the last step) and convert
         images = self.postprocess(x, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -84,8 +84,10 @@ def export_pipeline(generator: Denoiser, out_dir: Union[str, os.PathLike], run_i
     `samples_grid.png` (seeds `grid_seeds`, enlarged with `upscale_nearest`), README.md model card and run_info.json.
     Returns the pipeline, which carries the card, grid and run_info (so `pipe.push_to_hub(repo)` publishes them)."""
     scale, bias = _latent_config(run_info, vae)
+    sampling = run_info.get("sampling") or {}  # the trained step grid (ALGORITHM.md §11); absent: one step
     pipe = SiDAPipeline(unet=generator, vae=vae, init_sigma=run_info.get("init_sigma") or INIT_SIGMA,
-                        id2label=run_info.get("id2label"), latent_scale=scale, latent_bias=bias)
+                        id2label=run_info.get("id2label"), latent_scale=scale, latent_bias=bias,
+                        step_sigmas=sampling.get("step_sigmas"), renoise=sampling.get("renoise") or "fresh")
     if grid:
         pipe.sample_grid = upscale_nearest(sample_grid(pipe, grid_seeds, batch_size))
     pipe.model_card = make_model_card(run_info, repo_id=repo_id, grid_image=GRID_NAME if grid else None)

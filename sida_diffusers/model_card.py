@@ -17,7 +17,7 @@ from typing import Optional
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from sida_diffusers.evaluation import parse_result_key
+from sida_diffusers.evaluation import parse_result_key, parse_step_result_key
 from sida_diffusers.pipelines.publishing import GRID_NAME, REPO_PLACEHOLDER
 
 
@@ -109,6 +109,19 @@ def describe_metric(key: str, num_samples: Optional[int] = None) -> tuple:
     return metric, display + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def _split_steps(name: str) -> tuple:
+    """(result name, sampling steps) of a recorded metric name (`fd_digits_1797@4steps` -> 4 steps; ALGORITHM.md §11)."""
+    try:
+        return parse_step_result_key(name)
+    except ValueError:
+        return name, 1
+
+
+def _num_steps(run_info: dict) -> int:
+    """K, the steps the generator was trained for (1 for cards of one-step runs and older run_info)."""
+    return int((run_info.get("sampling") or {}).get("num_steps") or 1)
+
+
 def _finite(values: Optional[dict]) -> dict:
     return {k: float(v) for k, v in (values or {}).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
@@ -117,32 +130,47 @@ def _finite(values: Optional[dict]) -> dict:
 def _metrics_section(run_info: dict) -> list:
     """The student's metrics, with the teacher's beside them when the run measured it."""
     num_samples = (run_info.get("sampling") or {}).get("num_samples")
-    student, teacher = _finite(run_info.get("metrics")), _finite(run_info.get("teacher_metrics"))
-    keys = list(dict.fromkeys([*student, *teacher]))
+    student, teacher = {}, _finite(run_info.get("teacher_metrics"))
+    for name, value in _finite(run_info.get("metrics")).items():  # a few-step run records each k it was sampled with
+        key, k = _split_steps(name)
+        student.setdefault(k, {})[key] = value
+    steps = sorted(student) or [1]
+    keys = list(dict.fromkeys([*(key for k in steps for key in student.get(k, {})), *teacher]))
     if not keys:
         return ["No metrics were recorded for this checkpoint."]
-    if not teacher:
-        return (["| metric | value |", "|---|---|"]
-                + [f"| {describe_metric(k, num_samples)[1]} | {student[k]:.4g} |" for k in keys])
-    nfe = run_info.get("teacher_nfe")
-    teacher_label = f"teacher ({nfe} NFE)" if nfe else "teacher (multi-step sampler)"
     def cell(values, key):
         return f"{values[key]:.4g}" if key in values else "—"
 
-    return ([f"| metric | this model (1 NFE) | {teacher_label} |", "|---|---|---|"]
-            + [f"| {describe_metric(k, num_samples)[1]} | {cell(student, k)} | {cell(teacher, k)} |" for k in keys]
-            + ["", "The teacher column is the teacher itself, sampled with its multi-step (Heun) sampler and scored "
-                   "with the same metric."])
+    if not teacher and steps == [1]:
+        return (["| metric | value |", "|---|---|"]
+                + [f"| {describe_metric(k, num_samples)[1]} | {student[1][k]:.4g} |" for k in keys])
+    nfe = run_info.get("teacher_nfe")
+    columns = [f"this model ({k} NFE)" for k in steps] + (
+        [f"teacher ({nfe} NFE)" if nfe else "teacher (multi-step sampler)"] if teacher else [])
+    rows = [[cell(student.get(k, {}), key) for k in steps] + ([cell(teacher, key)] if teacher else []) for key in keys]
+    lines = [f"| metric | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {describe_metric(key, num_samples)[1]} | {' | '.join(row)} |" for key, row in zip(keys, rows)]
+    if len(steps) > 1:
+        lines += ["", "A column per number of steps the generator was sampled with (`num_inference_steps`), along the "
+                      "step grid it was trained on."]
+    if teacher:
+        lines += ["", "The teacher column is the teacher itself, sampled with its multi-step (Heun) sampler and scored "
+                      "with the same metric."]
+    return lines
 
 
 # ---- usage --------------------------------------------------------------------------------------------------------
-def usage_snippet(repo_id: str, conditional: bool = False) -> str:
-    """Loading with sida_diffusers, and generating one image per seed."""
+def usage_snippet(repo_id: str, conditional: bool = False, num_steps: int = 1) -> str:
+    """Loading with sida_diffusers, and generating one image per seed (a few-step generator: with K and 1 step)."""
     labels = ", class_labels=0" if conditional else ""
-    return (f"from sida_diffusers import SiDAPipeline, seed_generators\n"
-            f"pipe = SiDAPipeline.from_pretrained(\"{repo_id}\")\n"
-            f"images = pipe(batch_size=16{labels}, generator=seed_generators(range(16))).images  "
-            "# one network evaluation per image")
+    snippet = (f"from sida_diffusers import SiDAPipeline, seed_generators\n"
+               f"pipe = SiDAPipeline.from_pretrained(\"{repo_id}\")\n"
+               f"images = pipe(batch_size=16{labels}, generator=seed_generators(range(16))).images  ")
+    if num_steps == 1:
+        return snippet + "# one network evaluation per image"
+    return (snippet + f"# {num_steps} steps, the trained number\n"
+            f"images = pipe(batch_size=16{labels}, generator=seed_generators(range(16)), num_inference_steps=1).images"
+            f"  # any 1..{num_steps}")
 
 
 def remote_code_snippet(repo_id: str, conditional: bool = False) -> str:
@@ -173,32 +201,39 @@ def make_model_card(run_info: dict, repo_id: Optional[str] = None, grid_image: O
     model_name = (repo_id or "").split("/")[-1] or f"{method_name} one-step generator"
     eval_results = [
         EvalResult(task_type="unconditional-image-generation", dataset_type=hub_dataset or str(dataset or "unknown"),
-                   dataset_name=str(dataset or "unknown"), metric_type=metric, metric_name=display,
-                   metric_value=value)
-        for key, value in _finite(run_info.get("metrics")).items()
+                   dataset_name=str(dataset or "unknown"), metric_type=metric,
+                   metric_name=display if steps == 1 else f"{display}, {steps} steps", metric_value=value)
+        for name, value in _finite(run_info.get("metrics")).items()
+        for key, steps in [_split_steps(name)]
         for metric, display in [describe_metric(key, num_samples)]
     ] or None
     data = ModelCardData(
         library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
-        tags=list(dict.fromkeys(["sida", "one-step", "distillation", "edm2" if run_info.get("latent") else "edm",
-                                 method])),
+        tags=list(dict.fromkeys(["sida", "one-step" if _num_steps(run_info) == 1 else "few-step", "distillation",
+                                 "edm2" if run_info.get("latent") else "edm", method])),
         base_model=_hub_id(teacher), datasets=[hub_dataset] if hub_dataset else None,
         model_name=model_name if eval_results else None, eval_results=eval_results)
 
     repo = repo_id or REPO_PLACEHOLDER
     conditional = bool(run_info.get("label_dim"))
     origin = f"the diffusion model `{teacher}`" if teacher else "an EDM/EDM2 diffusion model"
+    num_steps = _num_steps(run_info)
+    kind = "A one-step" if num_steps == 1 else f"A few-step ({num_steps}-step)"
+    cost = "It needs one network evaluation per image." if num_steps == 1 else (
+        f"It was trained to be sampled with any 1 to {num_steps} network evaluations per image "
+        f"(`num_inference_steps`, default {num_steps}), along the step grid in the training table.")
     lines = [f"# {model_name}", "",
-             f"A one-step image generator distilled from {origin} with **{method_name}** "
+             f"{kind} image generator distilled from {origin} with **{method_name}** "
              "(Score identity Distillation; Zhou et al., *Adversarial Score Identity Distillation: Rapidly Surpassing "
-             "the Teacher in One Step*, ICLR 2025), trained with `sida_diffusers`. It needs one network evaluation "
-             "per image.", ""]
+             f"the Teacher in One Step*, ICLR 2025), trained with `sida_diffusers`. {cost}", ""]
     if grid_image:
-        lines += [f"![samples from the one-step generator]({grid_image})", "",
-                  "*One network evaluation per image, one seed per image (enlarged with nearest-neighbour "
+        evaluations = "One network evaluation" if num_steps == 1 else f"{num_steps} network evaluations"
+        alt = "one-step generator" if num_steps == 1 else f"{num_steps}-step generator"
+        lines += [f"![samples from the {alt}]({grid_image})", "",
+                  f"*{evaluations} per image, one seed per image (enlarged with nearest-neighbour "
                   "upsampling, so every pixel is the model's).*", ""]
     lines += ["## Usage", "", "```bash", "pip install sida_diffusers", "```", "",
-              "```python", usage_snippet(repo, conditional), "```", "",
+              "```python", usage_snippet(repo, conditional, num_steps), "```", "",
               "Without `sida_diffusers`, plain Diffusers loads the same pipeline from the standalone module shipped "
               "in this repository (`sida_standalone.py`, generated from the package when it was saved) and gives "
               "the same images for the same generators:", "",
@@ -223,5 +258,11 @@ def _training_table(run_info: dict, method_name: str, source: Optional[str]) -> 
             ("converted from", source and f"`{source}`"), ("dataset", run_info.get("dataset")),
             ("training images", f"{run_info['kimg']} kimg" if "kimg" in run_info else None)]
     rows += [(label, run_info.get(key)) for key, label in TRAINING_SETTINGS]
+    sampling = run_info.get("sampling") or {}
+    if _num_steps(run_info) > 1:  # the few-step generator's grid (ALGORITHM.md §11)
+        grid = ", ".join(f"{s:g}" for s in sampling.get("step_sigmas") or [])
+        rows += [("steps (K)", sampling.get("num_steps")), ("step noise levels", grid and f"[{grid}]"),
+                 ("noise between steps", sampling.get("renoise")),
+                 ("step sampling in training", sampling.get("step_sampling"))]
     rows += [("resolution", run_info.get("resolution")), ("classes", run_info.get("label_dim"))]
     return ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v is not None]

@@ -98,7 +98,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--inception-mode", default="legacy_tensorflow",
                         choices=("legacy_tensorflow", "clean"), help="legacy_tensorflow matches EDM/SiD numbers")
     parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id for fd_dinov2 (default facebook/dinov2-large)")
-    parser.add_argument("--steps", type=int, help="num_inference_steps passed to the pipeline")
+    parser.add_argument("--steps", type=int, help="num_inference_steps passed to the pipeline (SiDA: 1..K along the "
+                                                  "trained step grid, default K)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the results as JSON here")
     return parser
@@ -115,10 +116,11 @@ def main(argv=None) -> int:
     if args.out:
         parser.check_writable_file("--out", args.out)  # checked now, not after hours of evaluation
 
-    from sida_diffusers.cli.sample import load_pipeline
+    from sida_diffusers.cli.sample import check_steps, load_pipeline
 
     try:
         pipe = load_pipeline(args.pipeline, args.device)
+        check_steps(pipe, args.steps)
         unet = pipe.unet
         options = dict(batch_size=args.batch_size, device=args.device, inception=args.inception,
                        inception_mode=args.inception_mode, dinov2=args.dinov2, image_shape=image_shape(pipe))
@@ -155,6 +157,7 @@ def main(argv=None) -> int:
     if args.out:
         record = {"pipeline": args.pipeline, "reference": args.ref, "num_samples": args.num_samples,
                   "repeats": args.repeats, "seeds_start": args.seeds_start, "inception_mode": args.inception_mode,
+                  "num_inference_steps": args.steps or getattr(pipe, "num_steps", None),
                   "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

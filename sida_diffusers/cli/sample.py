@@ -23,6 +23,7 @@ from sida_diffusers.pipelines import (
     seed_generators,
     uint8_to_pil,
 )
+from sida_diffusers.pipelines.few_step import inference_sigmas
 from sida_diffusers.safe_io.files import read_json
 
 
@@ -64,6 +65,13 @@ def load_pipeline(src: str, device="cpu"):
             diffusers_logging.enable_progress_bar()
 
 
+def check_steps(pipe, steps) -> None:
+    """A SiDAPipeline samples at most the K steps it was trained for (ALGORITHM.md §11.4): refuse more now, before
+    anything is generated or written."""
+    if steps is not None and isinstance(pipe, SiDAPipeline):
+        inference_sigmas(pipe.config.step_sigmas or [pipe.config.init_sigma], steps)
+
+
 def build_parser() -> CommandParser:
     parser = CommandParser(prog="sida-sample", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
@@ -76,7 +84,8 @@ def build_parser() -> CommandParser:
                                                                    "on it)")
     parser.add_argument("--npz", action="store_true", help="write one samples.npz (arr_0 uint8 NHWC, seeds) instead "
                                                            "of PNGs")
-    parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1 = one step; Heun: the preset's)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1..K along the trained step grid, "
+                                                  "default K, 1 for a one-step generator; Heun: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -107,6 +116,7 @@ def main(argv=None) -> int:
         # model without its VAE) is refused now, before any image is written.
         pipe.check_common_inputs(1, "np", None)
         pipe.prepare_class_labels(labels, len(labels or [None]), None, "cpu")
+        check_steps(pipe, args.steps)
     except INPUT_ERRORS as error:
         parser.fail(error)
     pipe.set_progress_bar_config(disable=True)
@@ -125,7 +135,7 @@ def main(argv=None) -> int:
         # whatever the device
         out = pipe(batch_size=len(batch), class_labels=batch_labels, generator=seed_generators(batch),
                    output_type="np", **extra)
-        nfe = getattr(out, "nfe", extra.get("num_inference_steps", 1))
+        nfe = getattr(out, "nfe", extra.get("num_inference_steps", getattr(pipe, "num_steps", 1)))
         batch_images = np_to_uint8(out.images)  # the files hold EDM's exact uint8 bytes
         if args.npz or args.grid:
             kept.append(batch_images if args.npz else batch_images[: max(0, GRID_SIZE - sum(map(len, kept)))])

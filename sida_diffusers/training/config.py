@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sida_diffusers.schedule import INIT_SIGMA
+from sida_diffusers.schedule import INIT_SIGMA, RENOISE_MODES, STEP_SIGMA_MIN
 
 
 PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
 METHODS = ("sid", "sida", "sid2a")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+STEP_SAMPLINGS = ("uniform", "all")
 DEFAULT_PRESET = "digits"
 
 
@@ -51,6 +52,21 @@ class TrainConfig:
     alpha: float = _f(1.0, "SiD alpha (§4.3)")
     tmax: float = _f(800, "generator losses use t ~ U(0, tmax/1000) on the Karras schedule (§4.3)")
     init_sigma: float = _f(INIT_SIGMA, "noise level of the one-step generator's input (§2)")
+    # few-step generators (ALGORITHM.md §11)
+    num_steps: int = _f(1, "K: train the generator to be applied K times along --step_sigmas (1 = the one-step "
+                           "generator); the pipeline then samples with any 1..K steps (§11)")
+    step_sampling: str = _f("uniform", "K > 1: uniform = each iteration trains the k-th output, k drawn uniformly from "
+                                       "1..K (the same k on every process; earlier steps without gradient); all = "
+                                       "always K steps with gradient through all of them (the official multistep "
+                                       "loop) (§11.2)", choices=STEP_SAMPLINGS)
+    step_sigmas: str = _f("linear", "the K noise levels of the steps: linear (init_sigma (K-k)/K, the official grid), "
+                                    "karras (init_sigma down to --step_sigma_min, Karras rho=7 spacing) or explicit "
+                                    "comma-separated levels starting at init_sigma, e.g. 2.5,1.0,0.3 (§11.1)")
+    step_sigma_min: float = _f(STEP_SIGMA_MIN, "the last noise level of the karras step grid (§11.1)")
+    renoise: str = _f("fresh", "noise added between steps: fresh draws, or fixed = the first step's noise again "
+                               "(§11.3)", choices=RENOISE_MODES)
+    best_steps: Optional[int] = _f(None, "K > 1: best_pipeline/ is the best generator sampled with this many steps "
+                                         "(default K; evaluation always scores 1 and K steps)")
     P_mean: float = _f(-1.2, "lognormal sigma of the fake-score / D losses: mean of log sigma (§4.1)")
     P_std: float = _f(1.2, "lognormal sigma of the fake-score / D losses: std of log sigma (§4.1)")
     # The paper's names of the four fixed loss multipliers (ls, lsd, lsg, lsg_gan) are their command-line flags.
@@ -131,7 +147,7 @@ class TrainConfig:
 
 
     def __post_init__(self):
-        for name in ("method", "mixed_precision", "lr_scheduler"):
+        for name in ("method", "mixed_precision", "lr_scheduler", "step_sampling", "renoise"):
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")

@@ -28,14 +28,17 @@ def load_vae(name: str, device: torch.device):
     return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
 
 
-def sampling_pipeline(generator_ema: Denoiser, init_sigma: float, vae=None, id2label: Optional[dict] = None):
-    """The `SiDAPipeline` of the EMA generator (progress bar off): every figure of the run is sampled through it."""
+def sampling_pipeline(generator_ema: Denoiser, init_sigma: float, vae=None, id2label: Optional[dict] = None,
+                      step_sigmas: Optional[list] = None, renoise: str = "fresh"):
+    """The `SiDAPipeline` of the EMA generator (progress bar off): every figure of the run is sampled through it. It
+    carries the run's step grid (ALGORITHM.md §11), so a call without `num_inference_steps` runs all K steps."""
     from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 
     latent = vae is not None
     pipe = SiDAPipeline(unet=generator_ema, vae=vae, init_sigma=init_sigma, id2label=id2label,
                         latent_scale=EDM2_LATENT_SCALE.tolist() if latent else None,
-                        latent_bias=EDM2_LATENT_BIAS.tolist() if latent else None)
+                        latent_bias=EDM2_LATENT_BIAS.tolist() if latent else None, step_sigmas=step_sigmas,
+                        renoise=renoise)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -47,7 +50,7 @@ def save_sample_grid(pipe: SiDAPipeline, path: Path, side: int) -> Path:
 
     n, label_dim = side * side, pipe.unet.label_dim
     labels = torch.arange(n) % label_dim if label_dim else None
-    images = pipe.generate_uint8(range(n), class_labels=labels, batch_size=GRID_BATCH)
+    images = pipe.generate_uint8(range(n), class_labels=labels, batch_size=GRID_BATCH)  # all K trained steps
     grid = make_grid(images, nrow=side, padding=0).permute(1, 2, 0).numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
@@ -109,16 +112,23 @@ def make_evaluation(cfg: TrainConfig, dataset, image_shape: tuple, device, is_ma
             reference = data_reference(MetricSuite(cfg.eval_metrics, **options), dataset, cfg.train_data)
         suite = MetricSuite(cfg.eval_metrics, reference, num_samples=cfg.eval_num_samples, **options)
         suite.validate()
+    from sida_diffusers.evaluation import step_result_key
+    from sida_diffusers.training.few_step import best_steps
+
     first = cfg.eval_metrics[0]
-    return suite, BestTracker(result_keys(first, cfg.eval_num_samples)[0], "max" if first == "is" else "min")
+    tracked = step_result_key(result_keys(first, cfg.eval_num_samples)[0], best_steps(cfg))  # §11: k = K by default
+    return suite, BestTracker(tracked, "max" if first == "is" else "min")
 
 
-def evaluate(suite, pipe, label_pool) -> dict:
-    """The suite's metrics of `pipe` on seeds 0..N-1, labels drawn per seed from `label_pool` (§9.1): exactly what
-    ``sida-eval PIPELINE --num-samples N --repeats 1`` computes for the exported pipeline."""
-    from sida_diffusers.evaluation import pipeline_sample_fn
+def evaluate(suite, pipe, label_pool, steps=(1,)) -> dict:
+    """The suite's metrics of `pipe` on seeds 0..N-1, labels drawn per seed from `label_pool` (§9.1), sampled with each
+    of `steps` (ALGORITHM.md §11; names from `evaluation.step_result_key`: `fd_digits_1797` for one step,
+    `fd_digits_1797@4steps` for four): exactly what ``sida-eval PIPELINE --num-samples N --repeats 1 [--steps k]``
+    computes for the exported pipeline."""
+    from sida_diffusers.evaluation import pipeline_sample_fn, step_result_key
 
-    return suite.evaluate(pipeline_sample_fn(pipe, 0, label_pool))
+    return {step_result_key(key, k): value for k in steps
+            for key, value in suite.evaluate(pipeline_sample_fn(pipe, 0, label_pool, num_inference_steps=k)).items()}
 
 
 def log_record(accelerator, path: Path, record: dict, cur_nimg: int) -> None:
@@ -154,8 +164,18 @@ def run_info(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_
             "latent": teacher.family == "edm2", "metrics": dict(metrics or {}),
             "teacher_metrics": dict(teacher_metrics) if teacher_metrics else None,
             "teacher_nfe": teacher_nfe if teacher_metrics else None,
-            "sampling": {"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},
+            "sampling": few_step_sampling(cfg),
             "generator_init": cfg.generator_init, "seed": seed}
+
+
+def few_step_sampling(cfg: TrainConfig) -> dict:
+    """run_info's "sampling": how the generator is sampled and evaluated, its step grid included (ALGORITHM.md §11):
+    K = `num_steps`, the K levels `step_sigmas`, `renoise`, and how training drew the steps (`step_sampling`)."""
+    from sida_diffusers.training.few_step import config_step_sigmas, evaluation_steps
+
+    return {"init_sigma": cfg.init_sigma, "num_steps": cfg.num_steps, "step_sigmas": config_step_sigmas(cfg),
+            "renoise": cfg.renoise, "step_sampling": cfg.step_sampling if cfg.num_steps > 1 else None,
+            "evaluated_steps": list(evaluation_steps(cfg)), "num_samples": cfg.eval_num_samples}
 
 
 def plot_loss_curves(output_dir: Path) -> Optional[Path]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sida_diffusers.digits import FD_DIGITS
-from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve
+from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve, step_result_key
 from sida_diffusers.pipelines import EDMHeunPipeline
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, heun_nfe
 from sida_diffusers.safe_io.files import read_json
@@ -83,14 +83,18 @@ def start_teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, 
 
 def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name: str, kimg: float,
                       student_metrics: dict, teacher_metrics: Optional[dict], best: Optional[dict],
-                      num_samples: int) -> dict:
+                      num_samples: int, num_steps: int = 1) -> dict:
     """Write ``summary.json`` (and the metric curve with the teacher's line) into `output_dir`, print where
-    everything is, and return the summary."""
+    everything is, and return the summary. A few-step generator (`num_steps` K > 1) is reported with 1 and with K
+    steps (`student_metrics` then holds both, named by `evaluation.step_result_key`)."""
     out = Path(output_dir)
     key = fd_digits_key(student_metrics)
+    steps = sorted({1, num_steps})
+    by_steps = {k: student_metrics.get(step_result_key(key, k)) for k in steps} if key else {}
     curve = None
     if key is not None and (out / "metrics.jsonl").is_file():
-        baseline = {key: (teacher_metrics[key], f"teacher (Heun, {TEACHER_NFE} NFE)")} if teacher_metrics else None
+        label = f"teacher (Heun, {TEACHER_NFE} NFE)"
+        baseline = {step_result_key(key, k): (teacher_metrics[key], label) for k in steps} if teacher_metrics else None
         curve = plot_metric_curve(out / "metrics.jsonl", out / "metric_curve.png", baselines=baseline)
     pipeline = out / "pipeline"
     grid = pipeline / "samples_grid.png"
@@ -101,12 +105,13 @@ def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name:
         if (out / "metrics.jsonl").is_file() else None, "loss_curves": str(out / "loss_curves.png"),
         "method": method, "alpha": alpha, "teacher": teacher_name, "kimg": kimg,
         "metric": METRIC_LABEL if key else None, "metric_key": key,
-        "student": {"num_steps": 1, "metrics": dict(student_metrics)},
+        "student": {"num_steps": num_steps, "metrics": dict(student_metrics)},
         "best": best,
         "teacher_eval": None if teacher_metrics is None else {
             **teacher_cache_key(teacher_name, num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
             "nfe": TEACHER_NFE, "metrics": teacher_metrics},
         "fd_digits_student": student_metrics.get(key) if key else None,
+        "fd_digits_student_by_steps": {str(k): v for k, v in by_steps.items()} if num_steps > 1 else None,
         "fd_digits_teacher": teacher_metrics.get(key) if teacher_metrics and key else None,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -129,6 +134,10 @@ def format_summary(summary: dict) -> str:
     if summary["fd_digits_student"] is not None:
         n = parse_result_key(summary["metric_key"])[1]
         lines.append(f"FD-digits     student, 1 step:           {summary['fd_digits_student']:.3f}   ({n} samples)")
+        for k, value in (summary.get("fd_digits_student_by_steps") or {}).items():
+            if k != "1" and value is not None:
+                lines.append(f"FD-digits     student, {k} steps:{' ' * (11 - len(k))}{value:.3f}   (same seeds, "
+                             "trained step grid)")
         if summary["fd_digits_teacher"] is not None:
             t = summary["teacher_eval"]
             lines.append(f"FD-digits     teacher, Heun {t['nfe']} NFE:      {summary['fd_digits_teacher']:.3f}   "

@@ -36,7 +36,8 @@ from sida_diffusers.losses import (
     sida_adversarial_loss,
 )
 from sida_diffusers.networks.base import Denoiser
-from sida_diffusers.training import checkpointing, launch, models, outputs, summary, validation
+from sida_diffusers.pipelines.few_step import few_step_generate
+from sida_diffusers.training import checkpointing, few_step, launch, models, outputs, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
 from sida_diffusers.training.ema import HalfLifeEMA
@@ -76,6 +77,7 @@ class SiDATrainer:
         self.cfg = cfg = config
         self.output_dir = Path(cfg.output_dir)
         validation.check_config(cfg, generator_init, dataset)
+        self.step_sigmas = few_step.check_config(cfg)  # the K noise levels of the generator's steps (§11.1)
         self.accelerator = acc = accelerator or launch.make_accelerator(cfg)
         self.device, self.world_size, self.rank = acc.device, acc.num_processes, acc.process_index
         self.total_batch_size, self.rounds = validation.batch_layout(cfg, self.world_size)
@@ -117,6 +119,8 @@ class SiDATrainer:
         self.label_pool = outputs.evaluation_label_pool(self.dataset, self.teacher)
         self._pipeline = None
         self.cur_nimg = 0
+        self.k_star = cfg.num_steps  # the steps whose output the current iteration trains (§11.2)
+        self.step_tally = few_step.StepTally(cfg.num_steps, self.device)
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_metrics: dict = {}
         self._resume_rng: Optional[dict] = None
@@ -152,7 +156,8 @@ class SiDATrainer:
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
             self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.cfg.init_sigma, vae,
-                                                       getattr(self.dataset, "id2label", None))
+                                                       getattr(self.dataset, "id2label", None), self.step_sigmas,
+                                                       self.cfg.renoise)
         return self._pipeline
 
     def unwrap(self, net):
@@ -163,9 +168,13 @@ class SiDATrainer:
         return torch.zeros([n, self.teacher.augment_dim], device=self.device) if self.teacher.augment_dim else None
 
     def generate(self, net, labels, n: int) -> torch.Tensor:
-        """x_g = G(z; init_sigma, c) with z = init_sigma * eps and zero augment labels (ALGORITHM.md §2)."""
-        z = torch.randn([n, *self.img_shape], device=self.device) * self.cfg.init_sigma
-        return net(z, torch.full([n, 1, 1, 1], self.cfg.init_sigma, device=self.device), labels, self._augment_zeros(n))
+        """x_g: the generator's k*-th output along the step grid, from z = init_sigma * eps with zero augment labels
+        (ALGORITHM.md §2, §11.1); for K = 1 exactly x_g = G(z; init_sigma, c). With `uniform` step sampling the steps
+        before the k*-th run without gradient; with `all`, every step carries it (§11.2)."""
+        eps, zeros = torch.randn([n, *self.img_shape], device=self.device), self._augment_zeros(n)
+        at = lambda x, sigma: net(x, torch.full([n, 1, 1, 1], sigma, device=self.device), labels, zeros)
+        return few_step_generate(at, eps, self.step_sigmas[:self.k_star], self.cfg.renoise,
+                                 lambda: torch.randn_like(eps), grad_last_only=self.cfg.step_sampling == "uniform")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
@@ -288,6 +297,8 @@ class SiDATrainer:
     def step(self) -> Stage:
         """One iteration: fake-score/D phase, generator phase, EMA, ``cur_nimg += total_batch_size`` (§5.1)."""
         stage = self.stage()
+        # k* from the run seed and cur_nimg: the same on every process and after a resume; both phases use it (§11.2)
+        self.k_star = few_step.draw_num_steps(self.seed, self.cur_nimg, self.cfg.num_steps, self.cfg.step_sampling)
         models.set_learning_rates(self.cfg, self.opt_fake, self.opt_gen, self.cur_nimg, _nimg(self.cfg.max_train_kimg))
         self.fake_score_phase()
         self.generator_phase(stage)
@@ -323,7 +334,8 @@ class SiDATrainer:
         first = True
         while self.cur_nimg < max_nimg:
             prev = self.cur_nimg
-            stage = self.step()
+            with self.step_tally.iteration(lambda: self.k_star, self.total_batch_size):
+                stage = self.step()
             bar.update(self.total_batch_size)
             done = self.cur_nimg >= max_nimg
             if first or done or self._crossed(prev, cfg.log_every_kimg):  # the first iteration ends tick 0 (§5.10)
@@ -358,11 +370,13 @@ class SiDATrainer:
                      maintenance_sec=tick["maintenance"], stage=stage.number,
                      peak_memory_gb=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                                      if self.device.type == "cuda" else 0.0))
+        stats.update(self.step_tally.pop())  # K > 1: the k* drawn in the tick, and time (and memory) per k
         outputs.log_record(self.accelerator, self.output_dir / "stats.jsonl", stats, self.cur_nimg)
 
     def _evaluate_and_track(self) -> None:
         if self.accelerator.is_main_process:
-            results = self.last_metrics = outputs.evaluate(self.suite, self.pipeline, self.label_pool)
+            results = self.last_metrics = outputs.evaluate(self.suite, self.pipeline, self.label_pool,
+                                                           few_step.evaluation_steps(self.cfg))
             outputs.log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                                {"kimg": self.cur_nimg / 1000, **results}, self.cur_nimg)
             plot_metric_curve(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
@@ -378,7 +392,7 @@ class SiDATrainer:
         pipeline_dir = self.export(self.output_dir / "pipeline", teacher_metrics=teacher_metrics)
         summary.write_run_summary(self.output_dir, cfg.method, cfg.alpha, cfg.teacher, self.cur_nimg / 1000,
                                   self.last_metrics, teacher_metrics,
-                                  self.tracker.state_dict() if self.tracker else None, cfg.eval_num_samples)
+                                  self.tracker.state_dict() if self.tracker else None, cfg.eval_num_samples, cfg.num_steps)
         if cfg.push_to_hub:
             from sida_diffusers.hub import push_to_hub
 

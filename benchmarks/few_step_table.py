@@ -43,9 +43,18 @@ STEP_COUNTS = (1, 2, 4)
 KEY = f"fd_digits_{NUM_DIGITS}"
 
 
+def settings_for(k: int, pairs) -> dict:
+    """The `--set` overrides of a K-step row: every `FIELD=VALUE`, and `kK:FIELD=VALUE` for this K only (K = 1 is the
+    preset as it is)."""
+    if k == 1:
+        return {}
+    mine = [p.split(":", 1)[1] for p in pairs if p.startswith(f"k{k}:")]
+    return parse_overrides([p for p in pairs if not p.startswith("k") or ":" not in p.split("=")[0]] + mine)
+
+
 def _describe(task) -> dict:
     k, seed, kimg, eval_every, out, overrides = task
-    return {"k": k, "seed": seed, "kimg": kimg, "eval_every": eval_every, "overrides": dict(overrides) if k > 1 else {}}
+    return {"k": k, "seed": seed, "kimg": kimg, "eval_every": eval_every, "overrides": dict(overrides)}
 
 
 def finished(task) -> bool:
@@ -101,6 +110,18 @@ def evaluate_with_steps(suite, pipe, label_pool, sets: int, steps: int) -> list:
     result = evaluate_repeats(suite, lambda first: pipeline_sample_fn(pipe, first, label_pool,
                                                                       num_inference_steps=steps), sets)
     return result[KEY]["values"]
+
+
+def cached_teacher_values(suite, label_pool, sets: int, work_dir: Path) -> list:
+    """`digits_table.teacher_values` (35-NFE Heun, evaluation sets 0 .. sets-1), kept in work_dir/teacher.json: the
+    teacher and the seeds never change, and each invocation (rows run ahead with --reuse) would otherwise redo it."""
+    path = Path(work_dir) / "teacher.json"
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    if str(sets) not in cached:
+        cached[str(sets)] = teacher_values(suite, label_pool, sets)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached))
+    return cached[str(sets)]
 
 
 def stats(values: list, nfe: int) -> dict:
@@ -190,7 +211,7 @@ def all_vs_uniform(args, overrides: dict) -> dict:
     suite, label_pool = digits_suite()
     tasks = [(4, args.all_vs_uniform, args.kimg, args.eval_every_kimg, root / f"k4-{mode}-seed{args.all_vs_uniform}",
               {**overrides, "step_sampling": mode}) for mode in ("uniform", "all")]
-    teacher = teacher_values(suite, label_pool, args.eval_sets)
+    teacher = cached_teacher_values(suite, label_pool, args.eval_sets, args.work_dir)
     prepare_run_dirs([t[4] for t in tasks if not (args.reuse and finished(t))], teacher[0])
     jobs = run_all(tasks, args.workers)
     result = {"machine": machine(args.workers), "kimg": args.kimg, "seed": args.all_vs_uniform, "modes": {}}
@@ -213,7 +234,8 @@ def main(argv=None) -> dict:
     p.add_argument("--kimg", type=float, default=48, help="training images per run (thousands)")
     p.add_argument("--eval_every_kimg", type=float, default=4, help="curve resolution (kimg)")
     p.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
-                   help="few-step settings for the K > 1 runs (e.g. step_sigmas=karras renoise=fixed)")
+                   help="few-step settings for the K > 1 runs (e.g. step_sigmas=karras renoise=fixed); prefix one "
+                        "with kK: for the K-step row only (k2:step_sigmas=2.5,0.5)")
     p.add_argument("--workers", type=int, default=2, help="parallel runs (one thread each)")
     p.add_argument("--work_dir", default="runs/few_step_table", help="where the distillation runs go")
     p.add_argument("--out_dir", default=str(Path(__file__).resolve().parent), help="where table and figure go")
@@ -230,20 +252,19 @@ def main(argv=None) -> dict:
         return replot(out)
     if any(k < 1 for k in args.ks):
         p.error(f"--ks must be positive step counts, got {args.ks}")
-    overrides = parse_overrides(args.set)
     out.mkdir(parents=True, exist_ok=True)
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
     torch.set_num_threads(1)
     if args.all_vs_uniform is not None:
-        return all_vs_uniform(args, overrides)
+        return all_vs_uniform(args, settings_for(4, args.set))
     t0 = time.time()
     suite, label_pool = digits_suite()
-    teacher = teacher_values(suite, label_pool, args.eval_sets)
+    teacher = cached_teacher_values(suite, label_pool, args.eval_sets, args.work_dir)
     root = Path(args.work_dir)
-    tasks = [(k, s, args.kimg, args.eval_every_kimg, root / f"k{k}-seed{s}", overrides) for k in args.ks
-             for s in args.seeds]
+    tasks = [(k, s, args.kimg, args.eval_every_kimg, root / f"k{k}-seed{s}", settings_for(k, args.set))
+             for k in args.ks for s in args.seeds]
     prepare_run_dirs([t[4] for t in tasks if not (args.reuse and finished(t))], teacher[0])
     jobs = run_all(tasks, args.workers)
     values = score_runs(jobs, suite, label_pool, args.eval_sets)
@@ -252,7 +273,7 @@ def main(argv=None) -> dict:
     result = {
         "machine": machine(args.workers), "kimg": args.kimg, "seeds": args.seeds, "eval_sets": args.eval_sets,
         "metric": f"FD-digits ({NUM_DIGITS} samples vs all {NUM_DIGITS} real digits, per-seed noise and labels)",
-        "few_step_settings": overrides, "rows": rows, "by_steps": by_steps,
+        "few_step_settings": {f"k{k}": settings_for(k, args.set) for k in args.ks if k > 1}, "rows": rows, "by_steps": by_steps,
         "training_images_per_run": int(round(args.kimg * 1000)),
         "wall_min": {f"k{k}": ", ".join(f"{j['wall_s'] / 60:.1f}" for j in jobs if j["k"] == k) for k in sorted(values)},
         "run_wall_s": {f"k{j['k']}-seed{j['seed']}": j["wall_s"] for j in jobs},

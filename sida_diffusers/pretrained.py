@@ -24,6 +24,7 @@ from sida_diffusers.networks import Denoiser, denoiser_classes, denoiser_from_of
 from sida_diffusers.safe_io.files import read_json
 from sida_diffusers.safe_io.model_files import build_within, check_model_folder, check_shapes
 from sida_diffusers.safe_io.pickles import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
+from sida_diffusers.safe_io.unet2d_files import find_unet2d, load_unet2d_denoiser
 from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
 
@@ -226,6 +227,9 @@ def cached_download(url: str, cache_dir=None) -> Path:
 
 
 def _load_diffusers_folder(folder: Path, dtype) -> Denoiser:
+    unet2d = find_unet2d(folder)  # a DDPM/DDIM teacher: a UNet2DModel and its scheduler config (ALGORITHM.md §12)
+    if unet2d is not None:
+        return _move(load_unet2d_denoiser(*unet2d), None, dtype)
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"  # a SiDAPipeline folder: its denoiser lives in unet/
     if not (folder / "config.json").is_file():
@@ -273,14 +277,24 @@ def _split_hub_source(src: str):
     return "/".join(parts[:2]), "/".join(p for p in (*parts[2:], subfolder) if p)
 
 
+def _folder_patterns(inner: str) -> list:
+    """The files of a Hub folder that loading reads: configs and safetensors weights (pickled .bin files, which are
+    never loaded, are not downloaded), and the scheduler config beside a bare UNet2DModel folder."""
+    if not inner:
+        return ["*.json", "*.safetensors"]  # fnmatch: `*` also matches the folders' slashes
+    return [f"{inner}/*.json", f"{inner}/*.safetensors", f"{Path(inner).parent.as_posix()}/scheduler/*.json".lstrip("./")]
+
+
 def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", device=None,
                   cache_dir=None) -> Denoiser:
     """Load a denoiser in eval mode from any of the places official or converted weights live.
 
     `src`: a `Denoiser` (returned as is, moved to `device`/`dtype` if given), an official `.pkl` file, an http(s)
     URL of one (cached in `cache_dir`, `$SIDA_CACHE` or ~/.cache/sida_diffusers), a name in `KNOWN_NETWORKS`, a
-    shipped teacher ('digits', 'digits-uncond', as `--teacher`), a Diffusers model folder, or a Hub reference:
-    `owner/repo`, `owner/repo:subfolder` or `owner/repo/path/file.pkl`.
+    shipped teacher ('digits', 'digits-uncond', 'digits-ddpm', as `--teacher`), a Diffusers model folder (a denoiser
+    of this package, or a DDPM/DDIM `UNet2DModel` with its scheduler config: a pipeline folder, or a bare unet/
+    folder with the config beside it), or a Hub reference to either: `owner/repo`, `owner/repo:subfolder` or
+    `owner/repo/path/file.pkl`.
     `key` names the network entry of an official pickle. Official weights are loaded key for key (strict).
     """
     if isinstance(src, Denoiser):
@@ -302,8 +316,8 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
             if inner.endswith(".pkl"):
                 local = Path(hf_hub_download(repo_id, filename=inner, cache_dir=cache_dir))
             else:
-                patterns = [f"{inner}/*"] if inner else None
-                local = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)) / inner
+                local = Path(snapshot_download(repo_id, allow_patterns=_folder_patterns(inner), cache_dir=cache_dir))
+                local = local / inner
         except Exception as e:  # network, auth, missing repo/file: all end the same way for the caller
             shown = repr(src) if name == src else f"{name!r} ({src})"
             raise OSError(f"could not fetch {shown} from the Hugging Face Hub ({type(e).__name__}: {e}), and it is "

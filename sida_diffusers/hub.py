@@ -63,7 +63,7 @@ def upscale_nearest(image: PIL.Image.Image, min_width: int = GRID_MIN_WIDTH) -> 
 def sample_grid(pipe: SiDAPipeline, seeds: Iterable[int], batch_size: int = 16) -> PIL.Image.Image:
     """One image per seed from `pipe`'s generator in eval mode (dropout off, as for evaluation, ALGORITHM.md §9.1),
     tiled in seed order."""
-    seeds, generator = list(seeds), pipe.unet
+    seeds, generator = list(seeds), pipe.denoiser
     device = next(generator.parameters()).device
     was_training = generator.training
     generator.eval()

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel
 
 from sida_diffusers.networks import denoiser_classes
+from sida_diffusers.networks.unet2d import SCHEDULER_CLASSES, check_scheduler_config, check_unet_config
 from sida_diffusers.pipelines.publishing import PublishingMixin, package_denoiser_module
 from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
 from sida_diffusers.safe_io.files import read_json
@@ -26,10 +27,27 @@ _ABSENT = (None, None)  # how model_index.json records an optional component tha
 
 
 def allowed_components(name: str) -> dict:
-    """(library, class name) -> class that component `name` may name: the VAE is AutoencoderKL, the rest denoisers."""
+    """(library, class name) -> class that component `name` may name: the VAE is AutoencoderKL, the scheduler one of
+    Diffusers' VP schedulers, the rest denoisers or, for `unet`, Diffusers' UNet2DModel (ALGORITHM.md §12)."""
+    import diffusers
+
     if name == "vae":
         return {("diffusers", "AutoencoderKL"): AutoencoderKL}
-    return {(cls.__module__, cls.__name__): cls for cls in denoiser_classes().values()}
+    if name == "scheduler":
+        return {("diffusers", cls): getattr(diffusers, cls) for cls in SCHEDULER_CLASSES}
+    allowed = {(cls.__module__, cls.__name__): cls for cls in denoiser_classes().values()}
+    return {**allowed, ("diffusers", "UNet2DModel"): UNet2DModel} if name == "unet" else allowed
+
+
+def _check_component(cls, folder: Path, variant: Optional[str]) -> None:
+    """A scheduler's config is checked value by value; a network's config against its weights, on meta."""
+    if issubclass(cls, SchedulerMixin):
+        check_scheduler_config(read_json(folder / cls.config_name, max_bytes=MAX_CONFIG_BYTES),
+                               str(folder / cls.config_name))
+        return
+    if cls is UNet2DModel:
+        check_unet_config(read_json(folder / "config.json", max_bytes=MAX_CONFIG_BYTES), f"{folder}/config.json")
+    check_model_folder(cls, folder, variant)
 
 
 def _is_component_entry(entry) -> bool:
@@ -73,4 +91,4 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
         if (folder / name / f"{entry[0]}.py").exists():  # Diffusers would import this file as the component's code
             raise ValueError(f"{folder / name} ships code ({entry[0]}.py); sida_diffusers never imports code from a "
                              "pipeline folder. Remove the file.")
-        check_model_folder(allowed[tuple(entry)], folder / name, variant)
+        _check_component(allowed[tuple(entry)], folder / name, variant)

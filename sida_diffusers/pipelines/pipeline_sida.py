@@ -15,12 +15,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
-from sida_diffusers.networks import Denoiser, one_hot
+from sida_diffusers.networks import Denoiser, UNet2DDenoiser, one_hot
 from sida_diffusers.pipelines.loading import check_pipeline_folder
 from sida_diffusers.pipelines.publishing import PublishingMixin
 from sida_diffusers.schedule import INIT_SIGMA
@@ -95,30 +96,60 @@ def _as_generators(generator: GeneratorLike, batch_size: int):
 
 
 class EDMFamilyPipeline(DiffusionPipeline):
-    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` (`unet`) with an optional `vae`."""
+    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` with an optional `vae`.
+
+    The denoiser is the `unet` component, except for Diffusers UNet2DModel networks (ALGORITHM.md §12): then `unet`
+    is the plain `UNet2DModel` and `scheduler` the Diffusers scheduler that carries its noise schedule, as in Diffusers'
+    DDPM pipelines, so a saved folder holds a UNet2DModel folder Diffusers reads alone. `denoiser` is always the
+    EDM view the sampling uses (a `UNet2DDenoiser` over that very UNet).
+    """
 
     model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
 
-    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias):
+    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias, scheduler=None):
+        if isinstance(unet, UNet2DModel):
+            if scheduler is None:
+                raise ValueError("a UNet2DModel unet needs the scheduler that carries its noise schedule; pass "
+                                 "scheduler=DDPMScheduler.from_pretrained(...) (or the teacher's own).")
+            unet = UNet2DDenoiser.from_unet(unet, {**scheduler.config, "_class_name": type(scheduler).__name__})
         if not isinstance(unet, Denoiser):
             raise ValueError(
-                f"unet must be a sida_diffusers Denoiser (e.g. EDMPrecond, EDM2Precond), got {type(unet).__name__}; "
-                "load official weights with sida_diffusers.load_denoiser(...)."
+                f"unet must be a sida_diffusers Denoiser (e.g. EDMPrecond, EDM2Precond) or a Diffusers UNet2DModel "
+                f"with its scheduler, got {type(unet).__name__}; load weights with sida_diffusers.load_denoiser(...)."
             )
+        denoiser = unet
+        if isinstance(denoiser, UNet2DDenoiser):  # saved as Diffusers' own UNet2DModel + scheduler (§12)
+            unet, scheduler = denoiser.unet, scheduler if scheduler is not None else denoiser.make_scheduler()
+        elif scheduler is not None:
+            raise ValueError(f"a scheduler goes with a Diffusers UNet2DModel; a {type(unet).__name__} has none.")
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
         # JSON (config.json, Hub round trips) turns the int keys into strings: store them as ints again.
         id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
         # config.json holds plain lists (the constants of sida_diffusers.latents are tensors)
         latent_scale, latent_bias = (None if v is None else [float(c) for c in v] for v in (latent_scale, latent_bias))
-        self.register_modules(unet=unet, vae=vae)
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
+        self.__dict__.update(_denoiser=denoiser, _scheduler_of=scheduler)  # the wrapper given, e.g. the EMA generator
         # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
         self.labels = {}
         for index, names in (id2label or {}).items():
             for name in names.split(","):
                 self.labels[name.strip()] = index
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The `Denoiser` the pipeline samples with: `unet` itself, or the `UNet2DDenoiser` over a UNet2DModel `unet`
+        and the noise schedule of `scheduler` (rebuilt when either was replaced)."""
+        denoiser, unet = self.__dict__.get("_denoiser"), self.unet
+        if isinstance(unet, Denoiser):
+            return unet
+        if denoiser is None or denoiser.unet is not unet or self.scheduler is not self.__dict__.get("_scheduler_of"):
+            denoiser = UNet2DDenoiser.from_unet(unet, {**self.scheduler.config,
+                                                      "_class_name": type(self.scheduler).__name__})
+            self.__dict__.update(_denoiser=denoiser, _scheduler_of=self.scheduler)
+        return denoiser
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
@@ -178,7 +209,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         that image's generator after its noise, as in EDM's generate script, so image i depends only on generator i
         whatever the batch size.
         """
-        label_dim = self.unet.label_dim
+        label_dim = self.denoiser.label_dim
         if label_dim == 0:
             if class_labels is not None or label_pool is not None:
                 raise ValueError("this model is unconditional (label_dim=0) but class_labels were given; pass None.")
@@ -266,7 +297,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         return _as_generators(generator, batch_size)
 
     def sample_shape(self, batch_size: int) -> tuple:
-        unet = self.unet
+        unet = self.denoiser
         return (batch_size, unet.img_channels, unet.img_resolution, unet.img_resolution)
 
     def prepare_noise(self, batch_size: int, generator: GeneratorLike, latents: Optional[torch.Tensor], device):
@@ -306,7 +337,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
-        unet = self.unet
+        unet = self.denoiser
         augment = torch.zeros(z.shape[0], unet.augment_dim, device=z.device) if unet.augment_dim else None
         sigma = torch.full((z.shape[0], 1, 1, 1), float(sigma), device=z.device)
         return unet(z, sigma, labels, augment_labels=augment)
@@ -317,6 +348,8 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
     Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
+    A generator distilled from a Diffusers UNet2DModel teacher is stored as that: `unet` is a plain `UNet2DModel`
+    and `scheduler` carries its noise schedule (ALGORITHM.md §12); `pipe.denoiser` is the generator either way.
     Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
     None for pixel models). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
@@ -330,8 +363,9 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
     def __init__(
         self,
-        unet: Denoiser,
+        unet: Union[Denoiser, UNet2DModel],
         vae=None,
+        scheduler=None,                     # the noise schedule of a UNet2DModel unet (§12); None otherwise
         init_sigma: float = INIT_SIGMA,    # sigma of the generator's input noise z = init_sigma * eps (§2)
         id2label: Optional[dict] = None,    # class index -> name(s)
         latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
@@ -340,7 +374,7 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         super().__init__()
         if not float(init_sigma) > 0:
             raise ValueError(f"init_sigma must be positive (the official value is {INIT_SIGMA}), got {init_sigma}.")
-        self._register_common(unet, vae, id2label, latent_scale, latent_bias)
+        self._register_common(unet, vae, id2label, latent_scale, latent_bias, scheduler)
         self.register_to_config(init_sigma=float(init_sigma))
 
     @torch.no_grad()

@@ -45,7 +45,7 @@ def save_sample_grid(pipe: SiDAPipeline, path: Path, side: int) -> Path:
     from PIL import Image
     from torchvision.utils import make_grid
 
-    n, label_dim = side * side, pipe.unet.label_dim
+    n, label_dim = side * side, pipe.denoiser.label_dim
     labels = torch.arange(n) % label_dim if label_dim else None
     images = pipe.generate_uint8(range(n), class_labels=labels, batch_size=GRID_BATCH)
     grid = make_grid(images, nrow=side, padding=0).permute(1, 2, 0).numpy()
@@ -188,6 +188,6 @@ def export(pipe: SiDAPipeline, out_dir: Path, info: dict, grid_side: int, repo_i
     """Write the pipeline folder of the EMA generator (model card included) via `hub.export_pipeline`."""
     from sida_diffusers.hub import export_pipeline
 
-    export_pipeline(pipe.unet, out_dir, info, vae=pipe.vae, grid=grid_side > 0, grid_seeds=range(grid_side ** 2),
+    export_pipeline(pipe.denoiser, out_dir, info, vae=pipe.vae, grid=grid_side > 0, grid_seeds=range(grid_side ** 2),
                     repo_id=repo_id)
     return out_dir

@@ -60,7 +60,10 @@ def teacher_license(teacher: Optional[str]) -> tuple:
     name = str(teacher or "").lower()
     stem = Path(name.split("?")[0]).name
     if "digits" in name:
-        return "apache-2.0", "The teacher is the tiny digits EDM model shipped with sida_diffusers (Apache-2.0)."
+        return "apache-2.0", "The teacher is a tiny digits model shipped with sida_diffusers (Apache-2.0)."
+    if name.startswith("google/ddpm-"):
+        return "apache-2.0", ("The teacher is one of Google's DDPM checkpoints on the Hub (Apache-2.0); this derived "
+                              "generator inherits that licence.")
     if ("nvlabs" in name or "ut-austin-pml" in name or stem.startswith(("edm-", "edm2-"))
             or name in KNOWN_NETWORKS):
         return "cc-by-nc-sa-4.0", ("The teacher weights are NVIDIA's EDM/EDM2 models, licensed CC BY-NC-SA 4.0 "

@@ -1,6 +1,6 @@
 """What a run writes besides checkpoints: sample grids, in-training evaluation, run_info, loss curves, the exported
 pipeline. Every image here comes from one `SiDAPipeline` over the EMA generator (`sampling_pipeline`), through
-`generate_uint8`, the same path as `sida-eval`, `sida-sample` and the benchmarks (docs/ARCHITECTURE.md §3).
+`generate_uint8`, the same path as `sida-eval`, `sida-sample` and the benchmarks (docs/ARCHITECTURE.md §5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Sampling pipelines: the one-step SiDAPipeline and the teacher's EDM Heun sampler."""
+"""Sampling pipelines: the one-step SiDAPipeline, the teacher's EDM Heun sampler and, for Diffusers UNet2DModel
+teachers, their own Diffusers scheduler (SchedulerSamplerPipeline)."""
 
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.pipelines.edm_sampler import (
@@ -18,6 +19,7 @@ from sida_diffusers.pipelines.pipeline_sida import (
     seed_noise,
     uint8_to_pil,
 )
+from sida_diffusers.pipelines.scheduler_sampler import SchedulerSamplerPipeline, scheduler_for
 
 
 __all__ = [
@@ -27,12 +29,14 @@ __all__ = [
     "EDMHeunPipeline",
     "EDMHeunPipelineOutput",
     "HEUN_PRESETS",
+    "SchedulerSamplerPipeline",
     "SiDAPipeline",
     "edm_sampler",
     "heun_nfe",
     "image_grid",
     "karras_sigmas",
     "np_to_uint8",
+    "scheduler_for",
     "seed_generators",
     "seed_noise",
     "uint8_to_pil",

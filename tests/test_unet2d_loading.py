@@ -187,3 +187,15 @@ def test_the_converted_teacher_is_a_folder_of_this_package_that_loads_back(ddpm_
     assert convert_main([str(folder), str(tmp_path / "converted")]) == 0
     same_network(load_denoiser(tmp_path / "converted"), unet)
     assert DDPMPipeline.from_pretrained(folder).unet.config.sample_size == 8  # the source folder is Diffusers' own
+
+
+def test_the_shipped_ddpm_digits_teacher_is_a_diffusers_ddpm_pipeline_and_a_teacher():
+    teacher = load_denoiser("digits-ddpm")
+    assert (teacher.img_resolution, teacher.img_channels, teacher.label_dim, teacher.prediction_type) == (16, 1, 0,
+                                                                                                         "epsilon")
+    from sida_diffusers.shipped import shipped_teacher_path
+
+    pipe = DDPMPipeline.from_pretrained(shipped_teacher_path("digits-ddpm"))  # Diffusers alone reads it too
+    with torch.no_grad():
+        x, t = torch.randn(2, 1, 16, 16), torch.tensor([5, 900])
+        assert torch.equal(teacher.unet_forward(x, t), pipe.unet(x, t).sample)

@@ -41,6 +41,15 @@ def _deterministic():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _feature_metric_registry(monkeypatch):
+    """Each test sees the metric registry as importing the package leaves it: what a test (or a training run inside
+    it) registers is gone afterwards, so no test passes because an earlier one registered its metric."""
+    from sida_diffusers.evaluation import suite
+
+    monkeypatch.setattr(suite, "_FEATURE_METRICS", dict(suite._FEATURE_METRICS))
+
+
 @pytest.fixture
 def bounded():
     """Run a hostile-input case within the issue's bounds: 4 GiB of address space above the current use, 20 seconds.

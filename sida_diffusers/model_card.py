@@ -250,9 +250,10 @@ def make_model_card(record: Union[RunRecord, dict], repo_id: Optional[str] = Non
               "## Results", "", *_metrics_section(record), "",
               "## Training", "", *_training_table(record, method_name)]
     if record.method in ("sida", "sid2a"):
+        batch = f" ({record.train_batch_size})" if record.train_batch_size else ""
         lines += ["", f"The adversarial loss of {method_name} is normalised over each GPU's own batch, so the "
-                  f"objective depends on the batch per GPU ({escape(record.train_batch_size)}); changing the number "
-                  "of GPUs at a fixed batch per GPU does not change it. Keep it when reproducing this run."]
+                  f"objective depends on the batch per GPU{batch}; changing the number of GPUs at a fixed batch per "
+                  "GPU does not change it. Keep it when reproducing this run."]
     shown_license = f"{card_license_id} ({license_name})" if license_name else card_license_id
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", "",
               "## License", "", f"`{shown_license}`. {license_note}", ""]

@@ -33,13 +33,19 @@ from sida_diffusers.run_record import RunRecord, as_record
 from sida_diffusers.schedule import INIT_SIGMA
 
 
+DEFAULT_GRID_SIZE = 64  # an 8 x 8 grid
+
+
 def publish(pipe: SiDAPipeline, out_dir: Union[str, os.PathLike], record: Union[RunRecord, dict],
-            grid_seeds: Iterable[int] = range(64), repo_id: Optional[str] = None, batch_size: int = 64) -> SiDAPipeline:
+            grid_seeds: Optional[Iterable[int]] = None, repo_id: Optional[str] = None,
+            batch_size: int = 64) -> SiDAPipeline:
     """Write `pipe` as a published folder: its weights and standalone module, `samples_grid.png` (`sample_grid` of
-    `grid_seeds`; none when empty), the README.md model card of `record` and run_info.json. Returns `pipe`, which now
-    carries the card, grid and run record (so `pipe.push_to_hub(repo)` publishes them too)."""
+    `grid_seeds`, default seeds 0 .. `record.grid_size` - 1, else 0-63; none when empty), the README.md model card of
+    `record` and run_info.json. Returns `pipe`, which now carries the card, grid and run record (so
+    `pipe.push_to_hub(repo)` publishes them too)."""
     record = as_record(record)
-    seeds = list(grid_seeds)
+    seeds = list(range(record.grid_size or DEFAULT_GRID_SIZE) if grid_seeds is None else grid_seeds)
+    record = record.replace(grid_size=len(seeds) or None)
     pipe.sample_grid = sample_grid(pipe, seeds, batch_size) if seeds else None
     pipe.model_card = make_model_card(record, repo_id=repo_id, grid_image=GRID_NAME if seeds else None)
     pipe.run_info = record.to_dict()
@@ -60,7 +66,7 @@ def pipeline_for(generator: Denoiser, record: Union[RunRecord, dict], vae=None) 
 
 
 def export_pipeline(generator: Denoiser, out_dir: Union[str, os.PathLike], run_info: Union[RunRecord, dict], vae=None,
-                    grid: bool = True, grid_seeds: Iterable[int] = range(64), repo_id: Optional[str] = None,
+                    grid: bool = True, grid_seeds: Optional[Iterable[int]] = None, repo_id: Optional[str] = None,
                     batch_size: int = 16) -> SiDAPipeline:
     """Write the SiDAPipeline folder of `generator` as `publish` does, the pipeline built once from `run_info` (a
     `RunRecord` or its dict). Returns the pipeline, which carries the card, grid and run_info."""

@@ -94,6 +94,7 @@ class RunRecord:
     teacher_metrics: Optional[dict[str, float]] = _f()  # the teacher, multi-step, same metrics and samples
     teacher_nfe: Optional[int] = _f()
     sampling: dict[str, Any] = _f({})            # how the metrics were sampled (init_sigma, num_steps, num_samples)
+    grid_size: Optional[int] = _f()              # images of the card's sample grid: seeds 0 .. grid_size - 1
     # keys of a newer record this version does not know, written back unchanged
     extras: dict[str, Any] = field(default_factory=dict, repr=False)
 

@@ -160,7 +160,8 @@ def run_record(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, tota
         vae=cfg.vae if latent else None, metrics=dict(metrics or {}),
         teacher_metrics=dict(teacher_metrics) if teacher_metrics else None,
         teacher_nfe=teacher_nfe if teacher_metrics else None,
-        sampling={"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples})
+        sampling={"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},
+        grid_size=cfg.sample_grid_size ** 2 or None)
 
 
 def plot_loss_curves(output_dir: Path) -> Optional[Path]:

@@ -294,3 +294,36 @@ def test_sida_export_reports_a_source_that_is_not_a_checkpoint(tmp_path, capsys)
     with pytest.raises(SystemExit) as exit_info:
         export_cli.main([str(tmp_path / "empty"), str(tmp_path / "dst")])
     assert exit_info.value.code == 2 and "checkpoints/checkpoint-" in capsys.readouterr().err
+
+
+def test_sida_export_checks_the_push_before_writing_anything(tmp_path, capsys):
+    write_checkpoint(tmp_path / "run", 1000, tiny_edm(label_dim=3))
+    with hub_that_accepts(token=None), pytest.raises(SystemExit) as exit_info:
+        export_cli.main([str(tmp_path / "run"), str(tmp_path / "dst"), "--push-to-hub", "me/x", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "no Hugging Face token" in err
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_sida_export_push_that_fails_keeps_the_export_and_says_how_to_push_it(tmp_path, capsys):
+    write_checkpoint(tmp_path / "run", 1000, tiny_edm(label_dim=3))
+    with hub_that_accepts(), mock.patch(f"{PUBLISHING}.create_repo", side_effect=ConnectionError("no route")), \
+            pytest.raises(SystemExit) as exit_info:
+        export_cli.main([str(tmp_path / "run"), str(tmp_path / "dst"), "--push-to-hub", "me/x", "--no-grid",
+                         "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert f"pushing to me/x failed (ConnectionError: no route); the pipeline is kept in {tmp_path / 'dst'}" in err
+    assert SiDAPipeline.from_pretrained(tmp_path / "dst").run_info["cur_nimg"] == 1000
+
+
+def test_an_export_with_the_21841_classes_of_imagenet21k_loads_again(tmp_path):
+    classes = 21841
+    id2label = {i: f"n{i:08d}, class number {i} of the winter twenty-one k release, a synonym" for i in range(classes)}
+    run_info = {"method": "sida", "teacher": "me/teacher-21k", "label_dim": classes, "id2label": id2label}
+    hub.export_pipeline(tiny_edm(label_dim=classes), tmp_path / "out", run_info, grid=False)
+    assert (tmp_path / "out" / "model_index.json").stat().st_size > 1 << 20  # more than a config.json may hold
+    pipe = SiDAPipeline.from_pretrained(tmp_path / "out")
+    assert len(pipe.config.id2label) == classes and pipe.labels["n00021840"] == 21840
+    assert pipe.get_label_ids("class number 21840 of the winter twenty-one k release") == [21840]
+    assert len(RunRecord.read(tmp_path / "out").id2label) == classes

@@ -297,7 +297,7 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
         return array.astype(np.float32) / 255 if output_type == "np" else uint8_to_pil(array)
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
+        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10 item 8)."""
         unet = self.unet
         augment = torch.zeros(z.shape[0], unet.augment_dim, device=z.device) if unet.augment_dim else None
         sigma = torch.full((z.shape[0], 1, 1, 1), float(sigma), device=z.device)

@@ -2,7 +2,7 @@
 exported pipeline. Every image here comes from one `SiDAPipeline` over the EMA generator (`sampling_pipeline`),
 through `generate_uint8`, the same path as `sida-eval`, `sida-sample` and the benchmarks; the grids are
 `pipelines.sample_grid`, as the exported card's and `sida-sample --grid`'s; the export publishes that same pipeline
-(`hub.publish`) with the `RunRecord` of the run (docs/ARCHITECTURE.md §3).
+(`hub.publish`) with the `RunRecord` of the run (docs/ARCHITECTURE.md §3, §5).
 """
 
 from __future__ import annotations

@@ -78,15 +78,18 @@ def resolve_checkpoint(spec: str, output_dir) -> Optional[Path]:
 
 # ---- the output folder: one run per folder --------------------------------------------------------------------------
 
-# Everything a run writes into --output_dir (logging_dir is added by the caller); nothing else there is ours.
-RUN_OUTPUTS = ("checkpoints", "samples", "pipeline", "best_pipeline", "config.json", "stats.jsonl", "metrics.jsonl",
-               "summary.json", "loss_curves.png", "metric_curve.png")
+# What a run that took a step leaves in --output_dir, and would mix with a new run's (logging_dir is added by the
+# caller). config.json (written before step 1) and summary.json (which may hold a teacher baseline put there to be
+# reused, benchmarks/digits_table.py) alone do not make a folder used; --overwrite_output_dir deletes them too.
+RUN_MARKERS = ("checkpoints", "samples", "pipeline", "best_pipeline", "stats.jsonl", "metrics.jsonl")
+RUN_OUTPUTS = (*RUN_MARKERS, "config.json", "summary.json", "loss_curves.png", "metric_curve.png")
 
 
-def run_outputs(output_dir, logging_dir: str = "logs") -> list[Path]:
-    """The files and folders an earlier run left in `output_dir` (a logging_dir outside it is not its own)."""
+def run_outputs(output_dir, logging_dir: str = "logs", names=RUN_OUTPUTS) -> list[Path]:
+    """The files and folders of `names` an earlier run left in `output_dir` (a logging_dir outside it is not its
+    own)."""
     inside = not Path(logging_dir).is_absolute() and ".." not in Path(logging_dir).parts
-    names = (*RUN_OUTPUTS, logging_dir) if inside else RUN_OUTPUTS
+    names = (*names, logging_dir) if inside else names
     return [p for p in (Path(output_dir) / name for name in names) if p.exists() or p.is_symlink()]
 
 
@@ -96,7 +99,7 @@ def check_output_dir(output_dir, resume: Optional[str], overwrite: bool, logging
     if resume and overwrite:
         raise ValueError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir "
                          "deletes it; pass one of them.")
-    used = run_outputs(output_dir, logging_dir)
+    used = run_outputs(output_dir, logging_dir, RUN_MARKERS)
     if not used or overwrite:
         return
     if not resume:

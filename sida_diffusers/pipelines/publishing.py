@@ -167,7 +167,7 @@ class PublishingMixin:
         try:
             folder = origin if os.path.isdir(origin) else snapshot_download(origin, allow_patterns=list(PUBLISHED_FILES))
             self.load_published_files(folder)
-        except (OSError, ValueError) as error:  # offline, no access, or a card that is not one
+        except Exception as error:  # offline, no access, a card that is not one: httpx's errors are no OSError
             logger.warning(f"the model card, grid and run_info of {origin} could not be read ({error}); the folder "
                            "is saved without them.")
 

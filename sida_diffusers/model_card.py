@@ -204,7 +204,7 @@ def make_model_card(record: Union[RunRecord, dict], repo_id: Optional[str] = Non
         if not _LICENSE_ID.fullmatch(license):
             raise ValueError(f"{license!r} is not a Hub licence id (e.g. apache-2.0, cc-by-nc-sa-4.0, other).")
         card_license_id, license_note = license, "Set by the publisher."
-        license_name = license_name if license == "other" else None
+        license_name = (license_name or UNKNOWN_LICENSE_NAME) if license == "other" else None
     dataset = hub_dataset(record.dataset)
     dataset_shown = escape(public_name(record.dataset) or "unknown", markdown=False)
     model_name = (repo_id or "").split("/")[-1] or f"{method_name} one-step generator"

@@ -16,7 +16,10 @@ def main(argv=None) -> Optional[Path]:
     except (ValueError, FileNotFoundError) as error:
         print(f"train_sida: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    return trainer.train()
+    pipeline_dir = trainer.train()
+    if trainer.push_error:  # training and the local pipeline are done; the one line saying so is printed
+        raise SystemExit(1)
+    return pipeline_dir
 
 
 if __name__ == "__main__":

@@ -14,10 +14,10 @@ from typing import Iterable, Optional
 from diffusers import AutoencoderKL
 
 from sida_diffusers.networks import denoiser_classes
-from sida_diffusers.pipelines.publishing import PublishingMixin, package_denoiser_module
+from sida_diffusers.pipelines.publishing import MAX_INDEX_BYTES, PublishingMixin, package_denoiser_module
 from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
 from sida_diffusers.safe_io.files import read_json
-from sida_diffusers.safe_io.model_files import MAX_CONFIG_BYTES, check_model_folder
+from sida_diffusers.safe_io.model_files import check_model_folder
 
 
 __all__ = ["allowed_components", "check_pipeline_folder"]
@@ -43,7 +43,7 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by save_pretrained / "
                                 "export_pipeline, or its Hub repo id.")
-    index = read_json(index_file, max_bytes=MAX_CONFIG_BYTES)
+    index = read_json(index_file, max_bytes=MAX_INDEX_BYTES)  # the id2label of ImageNet-21k is a few MB
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     remote_layout = issubclass(pipeline_cls, PublishingMixin)  # its load_config maps the remote-code entries
     if remote_layout and _is_component_entry(class_name) and class_name[0] == STANDALONE_MODULE:

@@ -50,6 +50,12 @@ STAND_INS = {
         '    """Stand-in: sida_diffusers checks a folder before its own from_pretrained reads it; plain Diffusers,\n'
         '    which loads this module, reads the folder itself."""\n'
     ),
+    "download_patterns": (
+        "def download_patterns(pipeline_cls):\n"
+        '    """Stand-in: sida_diffusers downloads only the files a pipeline folder is read from; plain Diffusers\n'
+        '    downloads the folder itself."""\n'
+        "    return None\n"
+    ),
     "PublishingMixin": (
         "class PublishingMixin:\n"
         '    """Stand-in: with sida_diffusers installed, save_pretrained / push_to_hub also write the model card,\n'

@@ -111,6 +111,10 @@ class TrainConfig:
     checkpointing_kimg: float = _f(500, "write a checkpoint every this many kimg (and at the end)")
     checkpoints_total_limit: Optional[int] = _f(None, "keep at most this many checkpoints")
     resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder")
+    resume_optimizer_settings_from_checkpoint: bool = _f(False, "when resuming, continue with the Adam settings saved "
+                                                                "in the checkpoint (betas, eps, weight_decay, amsgrad) "
+                                                                "where they differ from this run's flags; without it "
+                                                                "such a checkpoint is refused")
     log_every_kimg: float = _f(10, "tick length in kimg: log losses, timing and memory")
     report_to: str = _f("none", "Accelerate tracker: none, tensorboard, wandb, ...")
     logging_dir: str = _f("logs", "tracker folder, relative to output_dir")

@@ -14,8 +14,10 @@ import torch
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.hub import export_pipeline, push_to_hub
+from sida_diffusers.pipelines.publishing import MAX_RUN_INFO_BYTES
 from sida_diffusers.pretrained import load_denoiser
 from sida_diffusers.safe_io.files import read_json
+from sida_diffusers.safe_io.paths import check_folder_files
 from sida_diffusers.schedule import INIT_SIGMA
 
 
@@ -46,7 +48,8 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
         ckpt = latest_checkpoint(path)
         if not (ckpt / "run_info.json").is_file():
             raise FileNotFoundError(f"{ckpt} has no run_info.json (the trainer writes it with every checkpoint).")
-        run_info = read_json(ckpt / "run_info.json")
+        check_folder_files(ckpt, ["run_info.json"])  # a link out of the checkpoint would be published
+        run_info = read_json(ckpt / "run_info.json", max_bytes=MAX_RUN_INFO_BYTES)
         if not isinstance(run_info, dict):
             raise ValueError(f"{ckpt / 'run_info.json'} holds no JSON object; the checkpoint is damaged.")
         return load_denoiser(ckpt / "generator_ema"), run_info, f"checkpoint {ckpt}"
@@ -81,15 +84,17 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     parser.check_writable_folder("DST", args.dst)
+    parser.check_device("--device", args.device)
 
     try:
         generator, run_info, what = load_source(args.src, args.method, args.teacher)
         if args.dataset:
             run_info["dataset"] = args.dataset
         if args.id2label:
-            id2label = read_json(args.id2label)
-            if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()):
-                raise ValueError(f"{args.id2label} must hold a JSON object {{index: class name}}.")
+            id2label = read_json(args.id2label, max_bytes=MAX_RUN_INFO_BYTES)  # a regular file, bounded
+            if not isinstance(id2label, dict) or not all(isinstance(v, str) and str(k).isdigit() and len(str(k)) < 7
+                                                         for k, v in id2label.items()):
+                raise ValueError(f"{args.id2label} must hold a JSON object {{class index: class name}}.")
             run_info["id2label"] = {int(k): v for k, v in id2label.items()}
         vae = None
         if args.vae:

@@ -134,6 +134,18 @@ def pixel_features():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)).eval().requires_grad_(False)
 
+def grey_png(size=8):
+    """The bytes of a black size x size grey PNG."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="png")
+    return buf.getvalue()
+
+
 def png_header(width, height):
     """A PNG whose header declares width x height 8-bit grey pixels, in 70 bytes."""
     def chunk(kind, data):

@@ -4,21 +4,19 @@ The commands are called in-process through their `main(argv)`; one case per comm
 console entry (`python -m sida_diffusers.cli.X`) in a subprocess, to see exactly what a user sees.
 """
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import pytest
 
 from sida_diffusers.cli import convert, evaluate, export, ref_stats, sample
 from sida_diffusers.pipelines import SiDAPipeline
 
-from conftest import REPO_ROOT, fails_in_one_line, png_header, requires_fixtures, tiny_edm
+from conftest import REPO_ROOT, fails_in_one_line, grey_png, png_header, requires_fixtures, tiny_edm
 
 
 def run_console(module, *argv):
@@ -121,12 +119,6 @@ def image_folder(path, images):
     for name, data in images.items():
         (path / name).write_bytes(data)
     return path
-
-
-def grey_png(size=8):
-    buf = io.BytesIO()
-    PIL.Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="png")
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("images, problem", [

@@ -62,9 +62,11 @@ def _count(text: bytes) -> int:
 
 
 def count_json_values(data: bytes, limit: int = MAX_JSON_NODES) -> int:
-    """An upper bound of the values in the JSON text `data`; recounted without string contents when over `limit`."""
-    bound = _count(data)
-    return _count(_JSON_STRING.sub(b'""', data)) if bound > limit else bound
+    """The values in the JSON text `data` (counted outside strings), or as soon as they exceed `limit` a lower
+    bound that does: every comma starts a value, so the commas alone settle a bomb in one pass."""
+    stripped = _JSON_STRING.sub(b'""', data)  # the same object when the text has no strings
+    commas = stripped.count(b",")
+    return commas if commas > limit else _count(stripped)
 
 
 def json_depth(data: bytes) -> int:
@@ -89,7 +91,7 @@ def read_json(source: Union[str, os.PathLike, bytes], where: Optional[str] = Non
     source = bytes(source)
     values = count_json_values(source, max_nodes) if len(source) > max_nodes else 0
     if values > max_nodes:
-        raise ValueError(f"{where} holds about {values:,} JSON values, more than the {max_nodes:,} this file may "
+        raise ValueError(f"{where} holds at least {values:,} JSON values, more than the {max_nodes:,} this file may "
                          "have; it is not a configuration, record or label file of ours.")
     if json_depth(source) > max_depth:
         raise ValueError(f"{where} nests its JSON too deeply (more than {max_depth} levels); it is not a "

@@ -35,7 +35,7 @@ from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
 __all__ = [
     "KNOWN_NETWORKS", "OfficialPickle", "UnsafeCheckpointError",
-    "read_official_pickle", "load_denoiser", "convert_official", "cached_download",
+    "read_official_pickle", "load_denoiser", "convert_official", "cached_download", "declared_license",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -339,3 +339,57 @@ def convert_official(src, dst: Union[str, os.PathLike], dtype: torch.dtype = tor
     if not (dst / "diffusion_pytorch_model.safetensors").is_file():
         raise OSError(f"saving the converted model to {dst} wrote no diffusion_pytorch_model.safetensors.")
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The licence a teacher declares (the model card inherits it)
+
+NVIDIA_LICENSE = ("cc-by-nc-sa-4.0", None, None)  # EDM/EDM2 weights, and the SiD/SiDA generators distilled from them
+SHIPPED_LICENSE = ("apache-2.0", None, None)      # the digits teachers shipped with this package
+_OFFICIAL_URL_PREFIXES = (_EDM, _EDM2)
+MAX_TEACHER_CARD_BYTES = 1 << 20
+
+
+def declared_license(src, online: bool = True) -> Optional[tuple]:
+    """``(licence id, licence name, licence link)`` that the teacher `src` declares, or None when nothing does.
+
+    Declared means: our table of known networks (a shipped teacher's name; a `KNOWN_NETWORKS` name or one of its
+    files, or a file of NVIDIA's EDM/EDM2 download folders), or the `license` / `license_name` / `license_link`
+    of the teacher's own model card (README.md of its Diffusers folder, or of the pipeline folder that holds it; of a
+    Hub repo when `online`). A name that merely contains "digits" or "edm" declares nothing.
+    """
+    name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    if not name:
+        return None
+    if name in SHIPPED_TEACHERS:
+        return SHIPPED_LICENSE
+    if name in KNOWN_NETWORKS or name in KNOWN_NETWORKS.values() or name.startswith(_OFFICIAL_URL_PREFIXES):
+        return NVIDIA_LICENSE
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for folder in (path, path.parent):
+            card = folder / "README.md"
+            if card.is_file() and card.stat().st_size <= MAX_TEACHER_CARD_BYTES:
+                return _card_license(card.read_text(encoding="utf-8", errors="replace"))
+        return None
+    hub = _split_hub_source(name) if online and not path.exists() else None
+    if hub is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard.load(hub[0], ignore_metadata_errors=True)
+    except Exception:  # offline, no card, no access: the licence is then unknown, which the card says
+        return None
+    return _card_license(str(card))
+
+
+def _card_license(text: str) -> Optional[tuple]:
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text, ignore_metadata_errors=True).data
+    license = getattr(data, "license", None)
+    if not isinstance(license, str) or not license:
+        return None
+    extra = [getattr(data, key, None) for key in ("license_name", "license_link")]
+    return (license, *(value if isinstance(value, str) else None for value in extra))

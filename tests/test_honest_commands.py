@@ -109,7 +109,7 @@ def test_sida_sample_refuses_a_pipeline_folder_naming_foreign_components(pipelin
 def test_sida_sample_still_writes_a_grid_into_a_new_folder(pipeline, tmp_path):
     assert sample.main([str(pipeline), "--seeds", "0-1", "--grid", str(tmp_path / "new" / "grid.png"),
                         "--device", "cpu"]) == 0
-    assert PIL.Image.open(tmp_path / "new" / "grid.png").size == (16, 8)
+    assert PIL.Image.open(tmp_path / "new" / "grid.png").size == (16 * 16, 8 * 16)  # enlarged to 256 px wide
 
 
 # ---- sida-ref-stats --------------------------------------------------------------------------------------------------

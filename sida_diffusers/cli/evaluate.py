@@ -22,9 +22,8 @@ from sida_diffusers.cli.sample import MAX_BATCH, MAX_SEED, MAX_STEPS
 from sida_diffusers.data.image_files import MAX_LABEL_VALUES
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
-from sida_diffusers.pipelines.publishing import MAX_RUN_INFO_BYTES
+from sida_diffusers.run_record import RUN_INFO_NAME, RunRecord
 from sida_diffusers.safe_io.files import load_npy, load_npz, read_json
-from sida_diffusers.safe_io.paths import check_folder_files
 
 
 def load_label_pool(path: str | Path) -> np.ndarray:
@@ -59,14 +58,12 @@ def load_label_pool(path: str | Path) -> np.ndarray:
 
 
 def trained_on_digits(src: str) -> bool:
-    """True for a pipeline folder exported from a run on the embedded digits data (its run_info.json says so)."""
-    info = Path(src) / "run_info.json"
+    """True for a pipeline folder exported from a run on the embedded digits data (its run record says so)."""
+    info = Path(src) / RUN_INFO_NAME
     try:
-        check_folder_files(src, ["run_info.json"])
-        data = read_json(info, max_bytes=MAX_RUN_INFO_BYTES) if info.is_file() else None
+        return info.is_file() and RunRecord.read(info).dataset == "digits"
     except (ValueError, OSError):
         return False
-    return isinstance(data, dict) and data.get("dataset") == "digits"
 
 
 def image_shape(pipe) -> tuple:

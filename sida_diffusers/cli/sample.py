@@ -1,7 +1,9 @@
 """`sida-sample PIPELINE --seeds 0-49999 --outdir DIR`: one PNG per seed (or one .npz) from a saved pipeline.
 
 Every image gets its own generator seeded with its seed (EDM's convention, ALGORITHM.md §9.1), so an image depends
-only on its seed, never on the batch size or on which other seeds are generated.
+only on its seed, never on the batch size or on which other seeds are generated. Images come from the pipelines' one
+generation path (`generate_uint8`), and `--grid` is the one grid path (`pipelines.grid_image`): the grid of seeds
+0-63 is the exported model card's grid and the training run's, pixel for pixel.
 """
 
 from __future__ import annotations
@@ -20,14 +22,7 @@ from diffusers.utils import logging as diffusers_logging
 from tqdm import tqdm
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
-from sida_diffusers.pipelines import (
-    EDMHeunPipeline,
-    SiDAPipeline,
-    image_grid,
-    np_to_uint8,
-    seed_generators,
-    uint8_to_pil,
-)
+from sida_diffusers.pipelines import EDMHeunPipeline, SiDAPipeline, grid_image, heun_nfe, uint8_to_pil
 from sida_diffusers.safe_io.files import read_json
 from sida_diffusers.safe_io.model_files import MAX_CONFIG_BYTES
 from sida_diffusers.safe_io.paths import check_folder_files
@@ -117,6 +112,13 @@ def load_pipeline(src: str, device="cpu"):
             diffusers_logging.enable_progress_bar()
 
 
+def network_evaluations(pipe, steps) -> int:
+    """Network evaluations per image: the steps of a SiDAPipeline, 2N-1 for the (unguided) Heun sampler."""
+    if isinstance(pipe, EDMHeunPipeline):
+        return heun_nfe(pipe.sampler_settings(num_steps=steps)["num_steps"])
+    return steps or 1
+
+
 def build_parser() -> CommandParser:
     parser = CommandParser(prog="sida-sample", description=__doc__.splitlines()[0])
     parser.add_argument("pipeline", help="pipeline folder or Hub repo id (SiDAPipeline or EDMHeunPipeline)")
@@ -125,7 +127,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--outdir", help="where the PNGs named by seed (or samples.npz) go")
     parser.add_argument("--class-labels", nargs="+", help="class index or name per image, cycled over the seeds; "
                                                          "default: drawn from each seed's generator")
-    parser.add_argument("--grid", help=f"also write a grid of the first {GRID_SIZE} images to this PNG")
+    parser.add_argument("--grid", help=f"also write a grid of the first {GRID_SIZE} images to this PNG (enlarged "
+                                       "with nearest-neighbour upsampling to at least 256 px wide)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per network call (results do not depend "
                                                                    "on it)")
     parser.add_argument("--npz", action="store_true", help="write one samples.npz (arr_0 uint8 NHWC, seeds) instead "
@@ -184,16 +187,13 @@ def main(argv=None) -> int:
     if args.grid:
         Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
 
-    seeds, kept, nfe = args.seeds, [], None
+    seeds, kept = args.seeds, []
     for start in tqdm(range(0, len(seeds), args.batch_size), unit="batch"):
         batch = seeds[start:start + args.batch_size]
         batch_labels = None if labels is None else [labels[(start + j) % len(labels)] for j in range(len(batch))]
-        # CPU generators, as `generate_uint8` (sida-eval, the trainer) uses: an image depends on its seed alone,
-        # whatever the device
-        out = pipe(batch_size=len(batch), class_labels=batch_labels, generator=seed_generators(batch),
-                   output_type="np", **extra)
-        nfe = getattr(out, "nfe", extra.get("num_inference_steps", 1))
-        batch_images = np_to_uint8(out.images)  # the files hold EDM's exact uint8 bytes
+        # EDM's exact uint8 bytes, each image from a CPU generator of its own seed, as sida-eval and the trainer
+        images = pipe.generate_uint8(batch, class_labels=batch_labels, batch_size=args.batch_size, **extra)
+        batch_images = images.permute(0, 2, 3, 1).numpy()
         if args.npz or args.grid:
             kept.append(batch_images if args.npz else batch_images[: max(0, GRID_SIZE - sum(map(len, kept)))])
         if outdir and not args.npz:
@@ -203,9 +203,9 @@ def main(argv=None) -> int:
     if outdir and args.npz:
         np.savez(outdir / "samples.npz", arr_0=images, seeds=np.fromiter(seeds, dtype=np.int64, count=len(seeds)))
     if args.grid:
-        image_grid(uint8_to_pil(images[:GRID_SIZE])).save(args.grid)
+        grid_image(torch.from_numpy(images[:GRID_SIZE]).permute(0, 3, 1, 2)).save(args.grid)
     where = ", ".join(str(p) for p in ((outdir / "samples.npz") if args.npz else outdir, args.grid) if p)
-    print(f"wrote {len(seeds)} images ({nfe} network evaluations each) to {where}")
+    print(f"wrote {len(seeds)} images ({network_evaluations(pipe, args.steps)} network evaluations each) to {where}")
     return 0
 
 

@@ -17,7 +17,10 @@ def main(argv=None) -> Optional[Path]:
     except INPUT_ERRORS as error:  # a flag, a file, or a teacher that cannot be downloaded: one line
         print(f"train_sida: error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    return trainer.train()
+    pipeline_dir = trainer.train()
+    if trainer.push_error:  # training and the local pipeline are done; the one line saying so is printed
+        raise SystemExit(1)
+    return pipeline_dir
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ class Archive:
         where = f"{self.path}/{name}"
         if self._zip is not None:
             return read_zip_member(self._zip, name, where, MAX_ITEM_BYTES)
-        return read_bytes(self.path / name, MAX_ITEM_BYTES, "one training item")  # capped: the file may still grow
+        return read_bytes(self.path / name, MAX_ITEM_BYTES, "one training item may take")  # capped: the file may still grow
 
 
 def archive_labels(archive: Archive, files: list[str]):

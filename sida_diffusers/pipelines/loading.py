@@ -14,10 +14,15 @@ from typing import Iterable, Optional
 from diffusers import AutoencoderKL
 
 from sida_diffusers.networks import denoiser_classes
-from sida_diffusers.pipelines.publishing import PUBLISHED_FILES, PublishingMixin, package_denoiser_module
+from sida_diffusers.pipelines.publishing import (
+    MAX_INDEX_BYTES,
+    PUBLISHED_FILES,
+    PublishingMixin,
+    package_denoiser_module,
+)
 from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
 from sida_diffusers.safe_io.files import read_json
-from sida_diffusers.safe_io.model_files import MAX_CONFIG_BYTES, MODEL_FOLDER_FILES, check_model_folder
+from sida_diffusers.safe_io.model_files import MODEL_FOLDER_FILES, check_model_folder
 from sida_diffusers.safe_io.paths import check_folder_files, folder_root, inside_folder
 
 
@@ -56,7 +61,7 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
         raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by save_pretrained / "
                                 "export_pipeline, or its Hub repo id.")
     check_folder_files(folder, ["model_index.json", *PUBLISHED_FILES], root)
-    index = read_json(index_file, max_bytes=MAX_CONFIG_BYTES)
+    index = read_json(index_file, max_bytes=MAX_INDEX_BYTES)  # the id2label of ImageNet-21k is a few MB
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     remote_layout = issubclass(pipeline_cls, PublishingMixin)  # its load_config maps the remote-code entries
     if remote_layout and _is_component_entry(class_name) and class_name[0] == STANDALONE_MODULE:

@@ -44,14 +44,14 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
 
 
-def read_bytes(path: Union[str, os.PathLike], max_bytes: int, what: str = "this file") -> bytes:
-    """The bytes of the regular file `path`, refused when it holds more than the `max_bytes` `what` (e.g. "one
-    training item") may take; the cap applies while reading, so a file that grows meanwhile is refused too."""
+def read_bytes(path: Union[str, os.PathLike], max_bytes: int, what: str = "this file may take") -> bytes:
+    """The bytes of the regular file `path`, refused when it holds more than the `max_bytes` that `what` (e.g. "one
+    training item may take"); the cap applies while reading, so a file that grows meanwhile is refused too."""
     with open_regular(path) as f:
         size = os.fstat(f.fileno()).st_size
         data = f.read(max_bytes + 1) if size <= max_bytes else b""
     if max(size, len(data)) > max_bytes:
-        raise ValueError(f"{path} is {max(size, len(data)):,} bytes, more than the {max_bytes:,} {what} may take.")
+        raise ValueError(f"{path} is {max(size, len(data)):,} bytes, more than the {max_bytes:,} {what}.")
     return data
 
 
@@ -84,7 +84,8 @@ def read_json(source: Union[str, os.PathLike, bytes], where: Optional[str] = Non
     levels of nesting, all counted before anything is parsed."""
     where = where or ("the JSON text" if isinstance(source, (bytes, bytearray)) else str(source))
     if not isinstance(source, (bytes, bytearray)):
-        source = read_bytes(source, max_bytes, "a configuration, record or label file of ours")
+        source = read_bytes(source, max_bytes, "any JSON file of ours needs; it is not a configuration, record or "
+                                               "label file")
     elif len(source) > max_bytes:
         raise ValueError(f"{where} is {len(source):,} bytes, more than the {max_bytes:,} any JSON file of ours needs; "
                          "it is not a configuration or label file.")

@@ -63,28 +63,90 @@ def check_tensor_header(path: Path, max_tensors: int) -> None:
 
 # ---- folders ----------------------------------------------------------------------------------------------------------
 
+def is_checkpoint(folder) -> bool:
+    """A finished checkpoint folder (``checkpoint-N`` with its training state; never a ``.tmp-*`` one)."""
+    folder = Path(folder)
+    return (folder.name.startswith(CHECKPOINT_PREFIX) and folder.name[len(CHECKPOINT_PREFIX):].isdigit()
+            and (folder / STATE_JSON).is_file())
+
+
 def list_checkpoints(output_dir) -> list[Path]:
     """Finished checkpoints of a run, oldest first (temporary folders of an interrupted save are ignored)."""
-    root = Path(output_dir) / "checkpoints"
-    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / STATE_JSON).is_file()]
+    found = [p for p in (Path(output_dir) / "checkpoints").glob(f"{CHECKPOINT_PREFIX}*") if is_checkpoint(p)]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
+def latest_checkpoint(folder) -> Optional[Path]:
+    """The one "newest checkpoint" finder: `folder` itself when it is a checkpoint, else the newest checkpoint of the
+    run folder `folder`; None when there is none."""
+    if is_checkpoint(folder):
+        return Path(folder)
+    found = list_checkpoints(folder)
+    return found[-1] if found else None
+
+
 def resolve_checkpoint(spec: str, output_dir) -> Optional[Path]:
-    """`--resume_from_checkpoint`: 'latest' (None when the run has none yet) or an explicit checkpoint folder."""
+    """`--resume_from_checkpoint`: 'latest' (None when the run has none yet), a checkpoint name as Diffusers users
+    pass it ('checkpoint-000000192' or 'checkpoint-192', looked up in OUTPUT_DIR/checkpoints), or a folder."""
     if spec == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1] if found else None
+        return latest_checkpoint(output_dir) if list_checkpoints(output_dir) else None
     path = Path(spec)
+    number = spec[len(CHECKPOINT_PREFIX):] if spec.startswith(CHECKPOINT_PREFIX) else ""
+    if not path.exists() and path.name == spec and number.isdigit():
+        path = checkpoint_path(output_dir, int(number))
     if (path / LEGACY_STATE).is_file() and not (path / STATE_JSON).is_file():
         raise ValueError(f"{path} holds a pickled {LEGACY_STATE} from an earlier sida_diffusers, which is never "
                          "unpickled; start a new run from its networks instead (e.g. --generator_init "
                          f"{path / 'generator_ema'} for SiD²A).")
     if not (path / STATE_JSON).is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE_JSON}); pass 'latest' or a "
-                                f"{CHECKPOINT_PREFIX}NNNNNNNNN folder under OUTPUT_DIR/checkpoints.")
+        names = ", ".join(p.name for p in list_checkpoints(output_dir)[-3:]) or "none yet"
+        raise FileNotFoundError(f"{path} is not a checkpoint folder (no {STATE_JSON}); pass 'latest', a checkpoint "
+                                f"name of {Path(output_dir) / 'checkpoints'} ({names}) or a checkpoint folder.")
     return path
+
+
+# ---- the output folder: one run per folder --------------------------------------------------------------------------
+
+# What a run that took a step leaves in --output_dir, and would mix with a new run's (logging_dir is added by the
+# caller). config.json (written before step 1) and summary.json (which may hold a teacher baseline put there to be
+# reused, benchmarks/digits_table.py) alone do not make a folder used; --overwrite_output_dir deletes them too.
+RUN_MARKERS = ("checkpoints", "samples", "pipeline", "best_pipeline", "stats.jsonl", "metrics.jsonl")
+RUN_OUTPUTS = (*RUN_MARKERS, "config.json", "summary.json", "loss_curves.png", "metric_curve.png")
+
+
+def run_outputs(output_dir, logging_dir: str = "logs", names=RUN_OUTPUTS) -> list[Path]:
+    """The files and folders of `names` an earlier run left in `output_dir` (a logging_dir outside it is not its
+    own)."""
+    inside = not Path(logging_dir).is_absolute() and ".." not in Path(logging_dir).parts
+    names = (*names, logging_dir) if inside else names
+    return [p for p in (Path(output_dir) / name for name in names) if p.exists() or p.is_symlink()]
+
+
+def check_output_dir(output_dir, resume: Optional[str], overwrite: bool, logging_dir: str = "logs") -> None:
+    """A new run never mixes with an earlier one: a used `output_dir` needs --resume_from_checkpoint (continue it) or
+    --overwrite_output_dir (start over, deleting what the earlier run wrote). Raises before anything is written."""
+    if resume and overwrite:
+        raise ValueError("--resume_from_checkpoint continues the run in --output_dir and --overwrite_output_dir "
+                         "deletes it; pass one of them.")
+    used = run_outputs(output_dir, logging_dir, RUN_MARKERS)
+    if not used or overwrite:
+        return
+    if not resume:
+        raise ValueError(f"--output_dir {output_dir} already holds a run ({', '.join(p.name for p in used[:4])}); "
+                         "continue it with --resume_from_checkpoint latest, start over in it with "
+                         "--overwrite_output_dir (deletes that run's files), or pass another --output_dir.")
+    if resume == "latest" and not list_checkpoints(output_dir):
+        raise ValueError(f"--output_dir {output_dir} holds a run without checkpoints, so there is nothing to resume; "
+                         "start over in it with --overwrite_output_dir, or pass another --output_dir.")
+
+
+def clear_output_dir(output_dir, logging_dir: str = "logs") -> None:
+    """--overwrite_output_dir: delete what an earlier run wrote into `output_dir` (other files are left alone)."""
+    for path in run_outputs(output_dir, logging_dir):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def checkpoint_path(output_dir, cur_nimg: int) -> Path:

@@ -1,17 +1,20 @@
 """Every check of a run's input that can fail before the first training step, each with the fix in its message.
 
-The trainer calls these in `SiDATrainer.__init__`, so a wrong flag, teacher, generator or dataset stops the run before
-anything is written.
+The trainer calls these in `SiDATrainer.__init__`, so a wrong flag, teacher, generator or dataset, a used output folder
+or a Hub push that could not succeed stops the run before anything is written.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import math
+from pathlib import Path
 from typing import Optional
 
+from sida_diffusers.hub import check_push_access
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.safe_io.paths import check_output
+from sida_diffusers.training.checkpointing import check_output_dir
 from sida_diffusers.training.config import TrainConfig
 
 
@@ -39,6 +42,14 @@ def check_config(cfg: TrainConfig, generator_init=None, dataset=None) -> None:
     if module and not installed(module):
         raise ValueError(f"--report_to {cfg.report_to} needs the '{module}' package; `pip install {module}` or pass "
                          "--report_to none (stats.jsonl and the loss-curve PNG are always written).")
+    check_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, cfg.logging_dir)
+    if cfg.push_to_hub:  # hours before the push: the repo id, the token and the endpoint must work now
+        check_push_access(hub_repo_id(cfg), cfg.hub_token)
+
+
+def hub_repo_id(cfg: TrainConfig) -> str:
+    """Where --push_to_hub uploads: --hub_model_id, else the name of --output_dir (Diffusers' default)."""
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
 
 
 MAX_KIMG = 1e9              # a thousand times the longest official run (EDM2-XXL trained for 939,524 kimg)

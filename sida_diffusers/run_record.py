@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.safe_io.files import read_json
+from sida_diffusers.safe_io.paths import check_folder_files
 
 
 RECORD_VERSION = 1
@@ -133,6 +134,7 @@ class RunRecord:
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist; a checkpoint or exported pipeline holds its run record "
                                     f"there ({RUN_INFO_NAME}).")
+        check_folder_files(path.parent, [path.name])  # a link out of its folder would be read, then published
         return cls.from_dict(read_json(path, max_bytes=MAX_RECORD_BYTES), str(path))
 
     def check(self) -> None:

@@ -50,9 +50,12 @@ def _feature_metric_registry(monkeypatch):
     monkeypatch.setattr(suite, "_FEATURE_METRICS", dict(suite._FEATURE_METRICS))
 
 
+BOUNDED_BYTES, BOUNDED_SECONDS = 1 << 30, 5
+
+
 @pytest.fixture
 def bounded():
-    """Run a hostile-input case within the issue's bounds: 4 GiB of address space above the current use, 20 seconds.
+    """Run a hostile-input case within the issue's bounds: 1 GiB of address space above the current use, 5 seconds.
 
     A bomb that gets through fails the test (MemoryError, TimeoutError) instead of swapping or hanging the machine.
     """
@@ -60,13 +63,13 @@ def bounded():
     import signal
 
     def on_alarm(signum, frame):
-        raise TimeoutError("the case ran longer than 20 s")
+        raise TimeoutError(f"the case ran longer than {BOUNDED_SECONDS} s")
 
     vm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (vm_kb * 1024 + (4 << 30), hard))
+    resource.setrlimit(resource.RLIMIT_AS, (vm_kb * 1024 + BOUNDED_BYTES, hard))
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(20)
+    signal.alarm(BOUNDED_SECONDS)
     try:
         yield
     finally:
@@ -226,6 +229,18 @@ def pixel_features():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)).eval().requires_grad_(False)
 
+def grey_png(size=8):
+    """The bytes of a black size x size grey PNG."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="png")
+    return buf.getvalue()
+
+
 def png_header(width, height):
     """A PNG whose header declares width x height 8-bit grey pixels, in 70 bytes."""
     def chunk(kind, data):
@@ -249,3 +264,50 @@ def refused_file(load, path, *problem):
     message = str(error.value)
     assert str(path) in message and all(word in message for word in problem), message
     return message
+
+
+def fails_in_one_line(capsys, command, argv, *problem):
+    """`command.main(argv)` exits with code 2 after one line `PROG: error: ...` naming the problem; nothing else."""
+    with pytest.raises(SystemExit) as exited:
+        command.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2, err
+    assert err.count("\n") == 1 and (err.startswith("sida-") or err.startswith("train_sida")) and ": error: " in err, err
+    assert all(str(word) in err for word in problem), err
+    assert "wrote" not in out and "exported" not in out, out
+    return err
+
+
+def saved_pipeline(folder, **kwargs):
+    """A conditional SiDAPipeline over a tiny EDM generator, saved to `folder` (with its standalone module)."""
+    from sida_diffusers.pipelines import SiDAPipeline
+
+    SiDAPipeline(unet=tiny_edm(label_dim=3), id2label={0: "a", 1: "b", 2: "c"}, **kwargs).save_pretrained(folder)
+    return folder
+
+
+# ---- a finished run's checkpoint, which the resume cases damage (each a copy of it) -------------------------------
+
+@pytest.fixture(scope="session")
+def finished_checkpoint(tmp_path_factory):
+    """A finished tiny SiDA run to 0.016 kimg (two iterations): its one checkpoint folder."""
+    from sida_diffusers.training import SiDATrainer
+
+    out = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(out, max_train_kimg=0.016, checkpointing_kimg=0.016, sample_grid_size=0)
+    SiDATrainer(cfg, teacher=tiny_teacher(), dataset=build_dataset("digits", resolution=8)).train()
+    return out / "run" / "checkpoints" / "checkpoint-000000016"
+
+
+def copy_of(checkpoint, tmp_path):
+    import shutil
+
+    return shutil.copytree(checkpoint, tmp_path / checkpoint.name)
+
+
+def resume(tmp_path, folder, digits, **overrides):
+    """A trainer resuming from checkpoint `folder` into a new output folder under `tmp_path`."""
+    from sida_diffusers.training import SiDATrainer
+
+    cfg = tiny_config(tmp_path, resume_from_checkpoint=str(folder), **overrides)
+    return SiDATrainer(cfg, teacher=tiny_teacher(), dataset=digits)

@@ -296,7 +296,9 @@ def test_hub_repo_with_a_diffusers_subfolder_is_snapshot_downloaded(official_pkl
     monkeypatch.setattr(checkpoints, "snapshot_download", fake_snapshot_download)
     assert type(load_denoiser("someone/sida-cifar10:unet")).__name__ == "EDMPrecond"
     assert type(load_denoiser("someone/sida-cifar10")).__name__ == "EDMPrecond"  # a pipeline root: unet/ is used
-    assert requests == [("someone/sida-cifar10", ["unet/*"]), ("someone/sida-cifar10", None)]
+    model_files = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.safetensors.index.json"]
+    assert requests == [("someone/sida-cifar10", [f"unet/{f}" for f in model_files]),  # nothing else is fetched
+                        ("someone/sida-cifar10", model_files + [f"unet/{f}" for f in model_files])]
 
 
 def test_hub_failures_say_what_was_tried(monkeypatch):

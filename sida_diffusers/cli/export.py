@@ -16,7 +16,7 @@ import torch
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.hub import check_push_access, export_pipeline, push_later_hint, push_to_hub
 from sida_diffusers.pretrained import declared_license, load_denoiser
-from sida_diffusers.run_record import RUN_INFO_NAME, RunRecord
+from sida_diffusers.run_record import MAX_RECORD_BYTES, RUN_INFO_NAME, RunRecord
 from sida_diffusers.safe_io.files import read_json
 from sida_diffusers.schedule import INIT_SIGMA
 from sida_diffusers.training.checkpointing import latest_checkpoint
@@ -61,9 +61,9 @@ def load_source(src: str, method=None, teacher=None) -> tuple:
 
 
 def read_id2label(path: str) -> dict:
-    id2label = read_json(path)
+    id2label = read_json(path, max_bytes=MAX_RECORD_BYTES)  # a regular file (not /dev/zero), bounded
     if not isinstance(id2label, dict) or not all(isinstance(v, str) for v in id2label.values()) or not all(
-            re.fullmatch(r"\d+", str(k)) for k in id2label):
+            re.fullmatch(r"\d{1,6}", str(k)) for k in id2label):
         raise ValueError(f"{path} must hold a JSON object {{class index: class name}}.")
     return {int(k): v for k, v in id2label.items()}
 
@@ -93,6 +93,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     parser.check_writable_folder("DST", args.dst)
+    parser.check_device("--device", args.device)
 
     try:
         token = check_push_access(args.push_to_hub, args.hub_token) if args.push_to_hub else None

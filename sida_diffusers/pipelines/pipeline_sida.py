@@ -7,6 +7,7 @@ latent decode and the exact uint8 conversion, and Hub loading for our third-part
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
 from sida_diffusers.pipelines.conventions import PipelineConventionsMixin
-from sida_diffusers.pipelines.loading import check_pipeline_folder
+from sida_diffusers.pipelines.loading import check_pipeline_folder, download_patterns
 from sida_diffusers.pipelines.publishing import PublishingMixin
 from sida_diffusers.schedule import INIT_SIGMA
 
@@ -83,6 +84,43 @@ def _as_generators(generator: GeneratorLike, batch_size: int):
     return generator
 
 
+MAX_LABELS = 100_000  # class names a pipeline may carry (ImageNet-21k has 21,841)
+
+
+def _is_index(key) -> bool:
+    return (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit()
+                                                                      and len(key) < 7)
+
+
+def _check_id2label(id2label) -> Optional[dict]:
+    """`id2label` as ``{int: str}``; JSON (config.json, Hub round trips) turns the int keys into strings."""
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict) or len(id2label) > MAX_LABELS:
+        what = f"dict of {len(id2label):,} entries" if isinstance(id2label, dict) else type(id2label).__name__
+        raise ValueError(f"id2label must be a dict {{class index: name}} of at most {MAX_LABELS:,} classes, got a "
+                         f"{what}; fix the pipeline's model_index.json (or pass id2label=None).")
+    bad = [k for k, v in id2label.items() if not (_is_index(k) and isinstance(v, str))]
+    if bad:
+        raise ValueError(f"id2label must map class indices to names; its entry {str(bad[0])[:40]!r} does not. Fix "
+                         "the pipeline's model_index.json.")
+    return {int(k): v for k, v in id2label.items()}
+
+
+def _check_floats(name: str, values) -> Optional[list]:
+    """A per-channel latent constant as a list of finite floats (config.json holds plain lists)."""
+    if values is None:
+        return None
+    try:
+        values = [float(c) for c in (values.tolist() if torch.is_tensor(values) else values)]
+    except (TypeError, ValueError):
+        values = None
+    if values is None or not 0 < len(values) <= 64 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be a short list of finite numbers (one per latent channel, ALGORITHM.md §6.1); "
+                         "fix the pipeline's model_index.json.")
+    return values
+
+
 class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
     """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` (`unet`) with an optional `vae`."""
 
@@ -97,10 +135,9 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
             )
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
-        # JSON (config.json, Hub round trips) turns the int keys into strings: store them as ints again.
-        id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
-        # config.json holds plain lists (the constants of sida_diffusers.latents are tensors)
-        latent_scale, latent_bias = (None if v is None else [float(c) for c in v] for v in (latent_scale, latent_bias))
+        id2label = _check_id2label(id2label)
+        latent_scale, latent_bias = (_check_floats(name, v) for name, v in (("latent_scale", latent_scale),
+                                                                            ("latent_bias", latent_bias)))
         self.register_modules(unet=unet, vae=vae)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
         # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
@@ -111,7 +148,8 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
-        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`.
+        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`, restricted to the files this pipeline reads
+        (`pipelines.loading.download_patterns`).
 
         Diffusers' own `download` rejects component classes from third-party packages unless the repo ships their
         source in the repo; loading from the local snapshot then resolves `sida_diffusers.*` classes.
@@ -125,7 +163,9 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
             raise FileNotFoundError(f"{pretrained_model_name} is neither an existing pipeline folder nor a Hub repo id "
                                     "('owner/name'); check the path.") from None
         keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-        return snapshot_download(pretrained_model_name, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
+        # Only the files a pipeline folder is read from: a repository may hold anything else (code, pickles, data).
+        return snapshot_download(pretrained_model_name, allow_patterns=download_patterns(cls),
+                                 **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -330,8 +370,13 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         latent_bias: Optional[list] = None,   # EDM2: per-channel latent bias (§6.1)
     ):
         super().__init__()
-        if not float(init_sigma) > 0:
-            raise ValueError(f"init_sigma must be positive (the official value is {INIT_SIGMA}), got {init_sigma}.")
+        try:
+            valid = not isinstance(init_sigma, (bool, str)) and 0 < float(init_sigma) < math.inf
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"init_sigma must be positive and finite (the official value is {INIT_SIGMA}), got "
+                             f"{str(init_sigma)[:40]} (in model_index.json when the pipeline was loaded).")
         self._register_common(unet, vae, id2label, latent_scale, latent_bias)
         self.register_to_config(init_sigma=float(init_sigma))
 

@@ -30,6 +30,7 @@ from typing import Optional
 import PIL.Image
 from diffusers.utils import logging
 from huggingface_hub import ModelCard, create_repo, snapshot_download, upload_folder
+from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
 from sida_diffusers.pipelines.standalone import (
     COMPONENT_MODULE,
@@ -39,13 +40,15 @@ from sida_diffusers.pipelines.standalone import (
     denoiser_classes,
     standalone_source,
 )
-from sida_diffusers.safe_io.files import check_image_size, read_json
+from sida_diffusers.safe_io.files import check_image_size, parse_yaml, read_bytes, read_json
+from sida_diffusers.safe_io.paths import check_folder_files
 
 
 logger = logging.get_logger(__name__)
 
 GRID_NAME = "samples_grid.png"
 MAX_CARD_BYTES = 8 << 20  # a model card is text of a few kB
+MAX_RUN_INFO_BYTES = 64 << 20  # run_info.json: as run_record.MAX_RECORD_BYTES (an ImageNet-21k id2label is ~1 MB)
 MAX_INDEX_BYTES = 32 << 20  # model_index.json: a few kB, or a few MB with the id2label of ImageNet-21k
 CARD_NAME = "README.md"
 RUN_INFO_NAME = "run_info.json"
@@ -100,6 +103,53 @@ def package_denoiser_module(class_name: str) -> str:
     return classes[class_name].__module__
 
 
+def read_model_card(path: Path) -> ModelCard:
+    """A README.md model card read as hostile text: its YAML front matter goes through `parse_yaml` (no aliases or
+    tags, bounded values and nesting) before huggingface_hub parses it; any problem is a ValueError naming the file."""
+    try:
+        text = read_bytes(path, MAX_CARD_BYTES, "a model card needs").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); fix or delete the model "
+                         "card.") from None
+    match = REGEX_YAML_BLOCK.search(text)
+    try:
+        if match:
+            parse_yaml(match.group(2), str(path))
+        return ModelCard(text, ignore_metadata_errors=True)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # what card-data parsing raises
+        message = " ".join(str(e).split())
+        problem = (message if message.startswith(str(path))
+                   else f"{path}: its metadata is not a model card's ({message[:200]})")
+        raise ValueError(f"{problem}; fix or delete the model card (the pipeline does not need it).") from None
+
+
+def read_published_files(folder) -> dict:
+    """``{"model_card", "sample_grid", "run_info"}`` from README.md, samples_grid.png and run_info.json of `folder`
+    (those that exist), each read as hostile: regular files inside the folder (a link out of it is refused, or a
+    folder could make us re-publish any file of the user's), bounded in bytes, values, nesting and pixels."""
+    folder = Path(folder)
+    check_folder_files(folder, PUBLISHED_FILES)
+    found = {}
+    if (folder / CARD_NAME).is_file():
+        found["model_card"] = read_model_card(folder / CARD_NAME)
+    if (folder / GRID_NAME).is_file():
+        try:
+            with PIL.Image.open(folder / GRID_NAME) as grid:
+                check_image_size(grid, str(folder / GRID_NAME))
+                grid.load()
+                found["sample_grid"] = grid.copy()
+        except (OSError, SyntaxError, EOFError, PIL.Image.DecompressionBombError) as e:
+            raise ValueError(f"{folder / GRID_NAME} is not a readable image ({e}); delete it or save it "
+                             "again.") from None
+    if (folder / RUN_INFO_NAME).is_file():
+        run_info = read_json(folder / RUN_INFO_NAME, max_bytes=MAX_RUN_INFO_BYTES)
+        if not isinstance(run_info, dict):
+            raise ValueError(f"{folder / RUN_INFO_NAME} holds a JSON {type(run_info).__name__}, not a run record "
+                             "(an object); delete it or export the pipeline again.")
+        found["run_info"] = run_info
+    return found
+
+
 class PublishingMixin:
     """Save, load and push a pipeline folder together with its model card, sample grid and standalone module."""
 
@@ -132,26 +182,19 @@ class PublishingMixin:
         source = os.fspath(pretrained_model_name_or_path)
         folder = source if os.path.isdir(source) else cls.download(
             source, **{k: kwargs[k] for k in _DOWNLOAD_KWARGS if kwargs.get(k) is not None})
+        published = read_published_files(folder)  # before the weights: a bad card costs no loading time
         pipe = super().from_pretrained(folder, **kwargs)
         pipe.register_to_config(_name_or_path=source)  # the name the caller used, as Diffusers records it
-        pipe.load_published_files(folder)
+        for name, value in published.items():
+            setattr(pipe, name, value)
+        pipe._published_files_taken = True
         return pipe
 
     def load_published_files(self, folder) -> None:
         """Take README.md, samples_grid.png and run_info.json of `folder` (those that exist) onto the pipeline."""
-        folder = Path(folder)
         self._published_files_taken = True
-        card = folder / CARD_NAME
-        if card.is_file():
-            if card.stat().st_size > MAX_CARD_BYTES:
-                raise ValueError(f"{card} is {card.stat().st_size:,} bytes, far more than a model card; remove it.")
-            self.model_card = ModelCard(card.read_text(encoding="utf-8"), ignore_metadata_errors=True)
-        if (folder / GRID_NAME).is_file():
-            with PIL.Image.open(folder / GRID_NAME) as grid:
-                check_image_size(grid, str(folder / GRID_NAME))
-                self.sample_grid = grid.copy()
-        if (folder / RUN_INFO_NAME).is_file():
-            self.run_info = read_json(folder / RUN_INFO_NAME)
+        for name, value in read_published_files(folder).items():
+            setattr(self, name, value)
 
     def take_published_files_of_origin(self) -> None:
         """Once, for a pipeline that carries no card, grid or run_info: take them from the folder or Hub repo it was

@@ -35,6 +35,7 @@ STANDALONE_SOURCES = (
     "sida_diffusers.schedule",
     "sida_diffusers.images",
     "sida_diffusers.latents",
+    "sida_diffusers.safe_io.paths",
     "sida_diffusers.safe_io.files",
     "sida_diffusers.networks.base",
     "sida_diffusers.networks.edm_layers",
@@ -54,6 +55,12 @@ STAND_INS = {
         "def check_pipeline_folder(pipeline_cls, folder, passed=(), variant=None):\n"
         '    """Stand-in: sida_diffusers checks a folder before its own from_pretrained reads it; plain Diffusers,\n'
         '    which loads this module, reads the folder itself."""\n'
+    ),
+    "download_patterns": (
+        "def download_patterns(pipeline_cls):\n"
+        '    """Stand-in: sida_diffusers downloads only the files a pipeline folder is read from; plain Diffusers\n'
+        '    downloads the folder itself."""\n'
+        "    return None\n"
     ),
     "STANDALONE_MODULE": lambda: f"STANDALONE_MODULE = {STANDALONE_MODULE!r}\n",
     "COMPONENT_MODULE": lambda: f"COMPONENT_MODULE = {COMPONENT_MODULE!r}\n",

@@ -118,6 +118,10 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(False, "delete the run files an earlier run left in --output_dir before starting "
                                            "(a used --output_dir is refused without this flag or "
                                            "--resume_from_checkpoint)")
+    resume_optimizer_settings_from_checkpoint: bool = _f(False, "when resuming, continue with the Adam settings saved "
+                                                                "in the checkpoint (betas, eps, weight_decay, amsgrad) "
+                                                                "where they differ from this run's flags; without it "
+                                                                "such a checkpoint is refused")
     log_every_kimg: float = _f(10, "tick length in kimg: log losses, timing and memory")
     report_to: str = _f("none", "Accelerate tracker: none, tensorboard, wandb, ...")
     tracker_project_name: str = _f("sida", "project name of the --report_to tracker run")

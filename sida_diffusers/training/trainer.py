@@ -93,7 +93,7 @@ class SiDATrainer:
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
         self.dataset = dataset if dataset is not None else self._build_dataset()
-        validation.check_networks(cfg, self.teacher, init)
+        validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
 
         fake, gen = models.student_networks(cfg, self.teacher, init)
@@ -158,6 +158,11 @@ class SiDATrainer:
             self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.teacher, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None))
         return self._pipeline
+
+    @property
+    def final_nimg(self) -> int:
+        """cur_nimg at the end of the run: whole iterations up to --max_train_kimg."""
+        return math.ceil(_nimg(self.cfg.max_train_kimg) / self.total_batch_size) * self.total_batch_size
 
     def unwrap(self, net):
         return self.accelerator.unwrap_model(net)
@@ -318,8 +323,7 @@ class SiDATrainer:
                   f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
                   f"{cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
-        final_nimg = math.ceil(max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
-        bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
+        bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
         if acc.is_main_process:  # the teacher's 35-NFE figure, meanwhile on the idle core of a CPU run
@@ -425,9 +429,11 @@ class SiDATrainer:
             if spec:
                 self.accelerator.print(f"no checkpoint under {self.output_dir / 'checkpoints'}; starting a new run")
             return
+        limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
+                                         self.cfg.resume_optimizer_settings_from_checkpoint)
         state = checkpointing.load_checkpoint(path, self._networks(), {"opt_fake": self.opt_fake,
-                                                                       "opt_gen": self.opt_gen}, self.ema)
-        self.cur_nimg, self.seed = int(state["cur_nimg"]), int(state["seed"])
+                                                                       "opt_gen": self.opt_gen}, self.ema, limits)
+        self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work
             self.batches.load_state_dict(state["data"][self.rank])

@@ -16,7 +16,7 @@ import pytest
 from sida_diffusers.cli import convert, evaluate, export, ref_stats, sample
 from sida_diffusers.pipelines import SiDAPipeline
 
-from conftest import REPO_ROOT, fails_in_one_line, grey_png, png_header, requires_fixtures, tiny_edm
+from conftest import REPO_ROOT, fails_in_one_line, grey_png, official_pickle, png_header, tiny_edm
 
 
 def run_console(module, *argv):
@@ -39,10 +39,7 @@ def unconditional_pipeline(tmp_path):
 
 # ---- sida-convert ----------------------------------------------------------------------------------------------------
 
-@requires_fixtures
 def test_sida_convert_to_an_existing_file_fails_and_keeps_the_file(tmp_path):
-    from test_hostile_constructors import official_pickle
-
     pkl, dst = official_pickle(tmp_path, "edm2_latent_uncond"), tmp_path / "existing.txt"
     dst.write_text("precious")
     result = run_console("convert", pkl, dst)

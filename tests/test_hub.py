@@ -32,8 +32,10 @@ PUBLISHING = "sida_diffusers.pipelines.publishing"  # the one upload path: creat
 
 
 def hub_that_accepts(role="write", token="stored-token"):
-    """The Hub as check_push_access sees it, without a network: a stored token of `role`."""
+    """The Hub as check_push_access sees it, without a network: online (whatever HF_HUB_OFFLINE says: CI sets it), a
+    stored token of `role`."""
     stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch("huggingface_hub.is_offline_mode", return_value=False))
     stack.enter_context(mock.patch("huggingface_hub.get_token", return_value=token))
     stack.enter_context(mock.patch("huggingface_hub.whoami",
                                    return_value={"name": "me", "auth": {"accessToken": {"role": role}}}))

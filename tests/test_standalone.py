@@ -172,7 +172,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
         utils, dynamic = "diffusers.pipelines.pipeline_utils", "diffusers.utils.dynamic_modules_utils"
         return [mock.patch(f"{utils}.model_info", return_value=info),
                 mock.patch(f"{dynamic}.model_info", return_value=info),
-                mock.patch(f"{utils}._resolve_revision", return_value=None),
+                mock.patch(f"{utils}._resolve_revision", return_value=None, create=True),  # Diffusers >= 0.41
                 mock.patch(f"{utils}.hf_hub_download", hf_hub_download),
                 mock.patch(f"{dynamic}.hf_hub_download", hf_hub_download),
                 mock.patch(f"{utils}.snapshot_download", snapshot_download)]

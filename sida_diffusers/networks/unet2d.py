@@ -244,6 +244,11 @@ class UNet2DDenoiser(DiscreteVPDenoiser):
         denoiser.unet = unet
         return denoiser
 
+    @classmethod
+    def over(cls, unet: UNet2DModel, scheduler) -> "UNet2DDenoiser":
+        """`from_unet` with the noise schedule of a Diffusers scheduler object (its class name included)."""
+        return cls.from_unet(unet, {**scheduler.config, "_class_name": type(scheduler).__name__})
+
     @property
     def img_resolution(self) -> int:
         size = self.unet.config.sample_size

@@ -60,8 +60,10 @@ def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: tor
     eps = 1e-6 if cfg.mixed_precision == "fp16" else 1e-8
     fused = cfg.adam_fused if cfg.adam_fused is not None else device.type == "cuda"
     adam = dict(eps=eps, fused=fused, foreach=not fused)
-    return (torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
-            torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
+    # named parameters: the state dict then lists each parameter's name beside its id, so a resumed state is mapped
+    # onto the parameters by name (training.state_checks), not by position
+    return (torch.optim.Adam(fake.named_parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
+            torch.optim.Adam(gen.named_parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
 
 
 def lr_factor(scheduler: str, progress: float) -> float:

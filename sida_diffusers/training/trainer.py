@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from sida_diffusers.evaluation import plot_metric_curve
+from sida_diffusers.evaluation import plot_curves
 from sida_diffusers.losses import (
     discriminator_loss,
     fake_score_loss,
@@ -36,6 +36,7 @@ from sida_diffusers.losses import (
     sida_adversarial_loss,
 )
 from sida_diffusers.networks.base import Denoiser
+from sida_diffusers.pretrained import declared_license
 from sida_diffusers.training import checkpointing, launch, models, outputs, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
@@ -77,6 +78,7 @@ class SiDATrainer:
         self.output_dir = Path(cfg.output_dir)
         validation.check_config(cfg, generator_init, dataset)
         self.accelerator = acc = accelerator or launch.make_accelerator(cfg)
+        self.cfg = cfg = launch.effective_precision(cfg, acc.device, acc.print)  # fp16 on a CPU trains in fp32
         self.device, self.world_size, self.rank = acc.device, acc.num_processes, acc.process_index
         self.total_batch_size, self.rounds = validation.batch_layout(cfg, self.world_size)
         self.batch_per_process = cfg.train_batch_size * self.rounds  # B_tot, the divisor of every loss (§4.5)
@@ -85,12 +87,13 @@ class SiDATrainer:
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
         self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).to(self.device).eval()
+        self.teacher_license = declared_license(cfg.teacher)  # what the model card inherits
         self.teacher.requires_grad_(False)
         init = generator_init
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
         self.dataset = dataset if dataset is not None else self._build_dataset()
-        validation.check_networks(cfg, self.teacher, init)
+        validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
 
         fake, gen = models.student_networks(cfg, self.teacher, init)
@@ -116,6 +119,7 @@ class SiDATrainer:
                                                            acc.is_main_process)
         self.label_pool = outputs.evaluation_label_pool(self.dataset, self.teacher)
         self._pipeline = None
+        self.push_error: Optional[str] = None  # the one line a failed end-of-run push leaves
         self.cur_nimg = 0
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_metrics: dict = {}
@@ -151,9 +155,14 @@ class SiDATrainer:
         """The `SiDAPipeline` over the EMA generator that samples every grid, evaluation and export of the run."""
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
-            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.cfg.init_sigma, vae,
+            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.teacher, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None))
         return self._pipeline
+
+    @property
+    def final_nimg(self) -> int:
+        """cur_nimg at the end of the run: whole iterations up to --max_train_kimg."""
+        return math.ceil(_nimg(self.cfg.max_train_kimg) / self.total_batch_size) * self.total_batch_size
 
     def unwrap(self, net):
         return self.accelerator.unwrap_model(net)
@@ -303,16 +312,18 @@ class SiDATrainer:
             checkpointing.set_rng_state(self._resume_rng)
             self._resume_rng = None
         if acc.is_main_process:
+            if cfg.overwrite_output_dir and self.cur_nimg == 0:
+                checkpointing.clear_output_dir(self.output_dir, cfg.logging_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        acc.init_trackers("sida", config={k: v for k, v in dataclasses.asdict(cfg).items()
-                                          if isinstance(v, (int, float, str, bool))})
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        acc.wait_for_everyone()
+        acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items()
+                                                            if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
                   f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
                   f"{cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
-        final_nimg = math.ceil(max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
-        bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
+        bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
         if acc.is_main_process:  # the teacher's multi-step figures, meanwhile on the idle core of a CPU run
@@ -366,35 +377,34 @@ class SiDATrainer:
             results = self.last_metrics = outputs.evaluate(self.suite, self.pipeline, self.label_pool)
             outputs.log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                                {"kimg": self.cur_nimg / 1000, **results}, self.cur_nimg)
-            plot_metric_curve(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
+            plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
             if self.tracker.update_from(results, self.cur_nimg / 1000):
-                self.export(self.output_dir / "best_pipeline", metrics=results)
+                self.export(self.output_dir / "best_pipeline", self.record(results))
         self.accelerator.wait_for_everyone()
 
     def _finish(self, teacher_evals: Optional[list]) -> Path:
         """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's Heun
         baseline in its card), the run summary (every teacher sampler) and the optional Hub push."""
-        cfg = self.cfg
         outputs.plot_loss_curves(self.output_dir)
         teacher_metrics = teacher_evals[0]["metrics"] if teacher_evals else None
-        pipeline_dir = self.export(self.output_dir / "pipeline", teacher_metrics=teacher_metrics)
-        summary.write_run_summary(self.output_dir, cfg.method, cfg.alpha, cfg.teacher, self.cur_nimg / 1000,
-                                  self.last_metrics, teacher_evals,
-                                  self.tracker.state_dict() if self.tracker else None, cfg.eval_num_samples)
-        if cfg.push_to_hub:
-            from sida_diffusers.hub import push_to_hub
-
-            push_to_hub(pipeline_dir, cfg.hub_model_id or self.output_dir.resolve().name)
+        record = self.record(self.last_metrics, teacher_metrics)
+        pipeline_dir = self.export(self.output_dir / "pipeline", record)
+        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None,
+                                  teacher_evals)
+        if self.cfg.push_to_hub:
+            self.push_error = summary.push_pipeline(pipeline_dir, validation.hub_repo_id(self.cfg), self.cfg.hub_token)
         return pipeline_dir
 
-    def run_info(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> dict:
-        return outputs.run_info(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
-                                self.world_size, self.seed, metrics, teacher_metrics, summary.TEACHER_NFE)
+    def record(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None):
+        """The `RunRecord` of the run as it stands (run_info.json of checkpoints and exports, the model card)."""
+        return outputs.run_record(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
+                                  self.world_size, self.seed, self.teacher_license, metrics, teacher_metrics,
+                                  summary.TEACHER_NFE)
 
-    def export(self, out_dir: Path, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> Path:
-        """Write the SiDAPipeline folder of the EMA generator (model card included)."""
-        info = self.run_info(metrics if metrics is not None else self.last_metrics, teacher_metrics)
-        return outputs.export(self.pipeline, out_dir, info, self.cfg.sample_grid_size, self.cfg.hub_model_id)
+    def export(self, out_dir: Path, record=None) -> Path:
+        """Publish the run's pipeline (the EMA generator) with the model card of `record` (default: the run now)."""
+        return outputs.export(self.pipeline, out_dir, record or self.record(self.last_metrics),
+                              self.cfg.sample_grid_size, self.cfg.hub_model_id)
 
     # ---- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -406,9 +416,9 @@ class SiDATrainer:
                      "opt_fake": self.opt_fake.state_dict(), "opt_gen": self.opt_gen.state_dict(),
                      "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
                      "data": [s["data"] for s in per_rank], "best": self.tracker.state_dict() if self.tracker else None,
-                     "config": dataclasses.asdict(self.cfg)}
+                     "config": self.cfg.to_dict()}
             checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, self._networks(), state,
-                                          self.run_info(self.last_metrics), self.cfg.checkpoints_total_limit)
+                                          self.record(self.last_metrics).to_dict(), self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return checkpointing.checkpoint_path(self.output_dir, self.cur_nimg)
 
@@ -422,9 +432,11 @@ class SiDATrainer:
             if spec:
                 self.accelerator.print(f"no checkpoint under {self.output_dir / 'checkpoints'}; starting a new run")
             return
+        limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
+                                         self.cfg.resume_optimizer_settings_from_checkpoint)
         state = checkpointing.load_checkpoint(path, self._networks(), {"opt_fake": self.opt_fake,
-                                                                       "opt_gen": self.opt_gen}, self.ema)
-        self.cur_nimg, self.seed = int(state["cur_nimg"]), int(state["seed"])
+                                                                       "opt_gen": self.opt_gen}, self.ema, limits)
+        self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work
             self.batches.load_state_dict(state["data"][self.rank])

@@ -30,6 +30,8 @@ def derive_network(source: Denoiser, dropout: Optional[float] = None, logvar: Op
     if dropout is not None:
         if "model_kwargs" in config:  # EDM family: the UNet keywords hold the dropout
             config["model_kwargs"] = {**(config["model_kwargs"] or {}), "dropout": dropout}
+        elif "unet_config" in config:  # a Diffusers UNet2DModel (ALGORITHM.md §12)
+            config["unet_config"] = {**config["unet_config"], "dropout": dropout}
         else:
             config["dropout"] = dropout
     if logvar is not None and "logvar_channels" in config:

@@ -326,10 +326,11 @@ class SiDATrainer:
         bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
-        if acc.is_main_process:  # the teacher's 35-NFE figure, meanwhile on the idle core of a CPU run
+        if acc.is_main_process:  # the teacher's multi-step figures, meanwhile on the idle core of a CPU run
+            samplers = summary.teacher_samplers(self.teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
             baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
                                                       self.label_pool, background=self.device.type == "cpu"
-                                                      and not cfg.compile)
+                                                      and not cfg.compile, samplers=samplers)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
         first = True
         while self.cur_nimg < max_nimg:
@@ -381,13 +382,15 @@ class SiDATrainer:
                 self.export(self.output_dir / "best_pipeline", self.record(results))
         self.accelerator.wait_for_everyone()
 
-    def _finish(self, teacher_metrics: Optional[dict]) -> Path:
-        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's baseline in
-        its card), the run summary and the optional Hub push."""
+    def _finish(self, teacher_evals: Optional[list]) -> Path:
+        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's Heun
+        baseline in its card), the run summary (every teacher sampler) and the optional Hub push."""
         outputs.plot_loss_curves(self.output_dir)
+        teacher_metrics = teacher_evals[0]["metrics"] if teacher_evals else None
         record = self.record(self.last_metrics, teacher_metrics)
         pipeline_dir = self.export(self.output_dir / "pipeline", record)
-        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None)
+        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None,
+                                  teacher_evals)
         if self.cfg.push_to_hub:
             self.push_error = summary.push_pipeline(pipeline_dir, validation.hub_repo_id(self.cfg), self.cfg.hub_token)
         return pipeline_dir

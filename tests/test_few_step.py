@@ -218,14 +218,15 @@ def test_the_model_card_of_a_four_step_generator_gives_k_its_grid_and_a_column_p
     from sida_diffusers.model_card import make_model_card
 
     info = {"method": "sida", "teacher": "digits", "teacher_metrics": {"fd_digits_1797": 6.63}, "teacher_nfe": 35,
-            "metrics": {"fd_digits_1797": 9.1, "fd_digits_1797@4steps": 7.2},
-            "sampling": {"num_steps": 4, "step_sigmas": [2.5, 1.1, 0.44, 0.15], "renoise": "fresh",
-                         "step_sampling": "uniform", "num_samples": 1797}}
+            "metrics": {"fd_digits_1797": 9.1, "fd_digits_1797@4steps": 7.2}, "num_steps": 4,
+            "step_sigmas": [2.5, 1.1, 0.44, 0.15], "renoise": "fresh", "step_sampling": "uniform",
+            "sampling": {"num_steps": 4, "evaluated_steps": [1, 4], "num_samples": 1797}}
     card = make_model_card(info)
     assert "few-step" in card.data.tags and "one-step" not in card.data.tags
     assert "| metric | this model (1 NFE) | this model (4 NFE) | teacher (35 NFE) |" in card.text
     assert "| 9.1 | 7.2 | 6.63 |" in card.text
-    assert "| step noise levels | [2.5, 1.1, 0.44, 0.15] |" in card.text and "| steps (K) | 4 |" in card.text
+    assert "| step noise levels | \\[2.5, 1.1, 0.44, 0.15\\] |" in card.text and "| steps (K) | 4 |" in card.text
+    assert "# SiDA 4-step generator" in card.text
     assert "num_inference_steps=1" in card.text  # the usage snippet shows the dial
     assert {r.metric_name for r in card.data.eval_results} >= {"FD-digits (1,797 samples; proxy metric in a "
                                                                "digits-classifier feature space, not FID), 4 steps"}

@@ -7,25 +7,29 @@ exactly what the training optimised for its k-th output. `inference_sigmas` deci
 
 from __future__ import annotations
 
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
 from diffusers.utils import logging
 
+from sida_diffusers.schedule import RENOISE_MODES, check_step_sigmas
 
-logger = logging.get_logger(__name__)  # Diffusers' logger, as its pipelines use
+
+logger = logging.get_logger(__name__)
 
 
 def few_step_generate(generate_at: Callable, eps: torch.Tensor, sigmas: Sequence[float], renoise: str = "fresh",
-                      draw_noise: Optional[Callable[[], torch.Tensor]] = None,
-                      grad_last_only: bool = False) -> torch.Tensor:
+                      draw_noise: Optional[Callable[[], torch.Tensor]] = None, grad_last_only: bool = False,
+                      on_step: Optional[Callable] = None) -> torch.Tensor:
     """x_1 = G(sigma_0 eps; sigma_0), then x_{k+1} = G(x_k + sigma_k n_k; sigma_k) for k = 1..len(sigmas)-1
     (ALGORITHM.md §11.1); returns the last x.
 
     `generate_at(x, sigma)` applies the generator at noise level `sigma`. `eps` is the unit noise of the first step;
     n_k is `draw_noise()` (fresh unit noise, `renoise="fresh"`) or `eps` again (`renoise="fixed"`, §11.3).
     `grad_last_only` runs every step but the last under no_grad (the uniform mixture of §11.2: the earlier steps
-    only make the last step's input). With one sigma this is exactly the one-step generator G(sigma_0 eps; sigma_0).
+    only make the last step's input). `on_step(k, sigma, x)`, if given, sees (and may replace) each step's output
+    (a pipeline's progress bar and callback). With one sigma this is exactly the one-step generator.
     """
     x = None
     for k, sigma in enumerate(sigmas):
@@ -36,7 +40,23 @@ def few_step_generate(generate_at: Callable, eps: torch.Tensor, sigmas: Sequence
             else:
                 noise = eps if renoise == "fixed" else draw_noise()
                 x = generate_at(x + sigma * noise, sigma)
+        if on_step is not None:
+            x = on_step(k, sigma, x)
     return x
+
+
+def check_grid(step_sigmas, renoise, init_sigma: float) -> list:
+    """A pipeline's trained grid (`step_sigmas`, None: the one-step [init_sigma]) and `renoise`, checked as values a
+    loaded model_index.json may hold; returns the grid as floats (ALGORITHM.md §11.1, §11.3)."""
+    if renoise not in RENOISE_MODES:
+        raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {str(renoise)[:40]}.")
+    if step_sigmas is None:
+        return [float(init_sigma)]
+    if not isinstance(step_sigmas, (list, tuple)) or not all(
+            isinstance(s, numbers.Real) and not isinstance(s, bool) for s in step_sigmas):
+        raise ValueError(f"step_sigmas must be a list of noise levels, got {str(step_sigmas)[:60]} (in "
+                         "model_index.json when the pipeline was loaded).")
+    return check_step_sigmas(step_sigmas, len(step_sigmas), float(init_sigma))
 
 
 def inference_sigmas(trained: Sequence[float], num_inference_steps: Optional[int] = None,

@@ -8,6 +8,7 @@ latent decode and the exact uint8 conversion, and Hub loading for our third-part
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -15,22 +16,25 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
-from sida_diffusers.pipelines.few_step import few_step_generate, inference_sigmas
-from sida_diffusers.pipelines.loading import check_pipeline_folder
+from sida_diffusers.pipelines.components import DenoiserView, split_components
+from sida_diffusers.pipelines.conventions import PipelineConventionsMixin, check_floats, check_id2label
+from sida_diffusers.pipelines.few_step import check_grid, few_step_generate, inference_sigmas
+from sida_diffusers.pipelines.loading import check_pipeline_folder, download_patterns
 from sida_diffusers.pipelines.publishing import PublishingMixin
-from sida_diffusers.schedule import INIT_SIGMA, RENOISE_MODES, check_step_sigmas
+from sida_diffusers.schedule import INIT_SIGMA
 
 
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
 # (`pipeline_loading_utils._get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 LabelsLike = Union[int, str, Sequence[Union[int, str]], torch.Tensor, np.ndarray, None]
@@ -60,18 +64,6 @@ def check_label_pool(label_pool, label_dim: int) -> torch.Tensor:
     return pool
 
 
-def image_grid(images: Sequence[PIL.Image.Image], cols: Optional[int] = None) -> PIL.Image.Image:
-    """Tile equally sized images row by row: ceil(sqrt(n)) columns by default, the last row padded with black."""
-    if not images:
-        raise ValueError("image_grid needs at least one image.")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    width, height = images[0].size
-    grid = PIL.Image.new(images[0].mode, (cols * width, math.ceil(len(images) / cols) * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
 def uint8_to_pil(images: np.ndarray) -> list:
     """uint8 images [N, H, W, C] -> PIL images ("L" for one channel, "RGB" for three)."""
     return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images]
@@ -95,26 +87,26 @@ def _as_generators(generator: GeneratorLike, batch_size: int):
     return generator
 
 
-class EDMFamilyPipeline(DiffusionPipeline):
-    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` (`unet`) with an optional `vae`."""
+class EDMFamilyPipeline(DenoiserView, PipelineConventionsMixin, DiffusionPipeline):
+    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` with an optional `vae`.
+
+    The denoiser is the `unet` component, or for a Diffusers UNet2DModel a view over `unet` and `scheduler`
+    (`pipelines.components`); `denoiser` is what every sampler uses.
+    """
 
     model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
 
-    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias):
-        if not isinstance(unet, Denoiser):
-            raise ValueError(
-                f"unet must be a sida_diffusers Denoiser (e.g. EDMPrecond, EDM2Precond), got {type(unet).__name__}; "
-                "load official weights with sida_diffusers.load_denoiser(...)."
-            )
+    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias, scheduler=None):
+        denoiser, unet, scheduler = split_components(unet, scheduler)
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
-        # JSON (config.json, Hub round trips) turns the int keys into strings: store them as ints again.
-        id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
-        # config.json holds plain lists (the constants of sida_diffusers.latents are tensors)
-        latent_scale, latent_bias = (None if v is None else [float(c) for c in v] for v in (latent_scale, latent_bias))
-        self.register_modules(unet=unet, vae=vae)
+        id2label = check_id2label(id2label)
+        latent_scale, latent_bias = (check_floats(name, v) for name, v in (("latent_scale", latent_scale),
+                                                                            ("latent_bias", latent_bias)))
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
+        self._remember_denoiser(denoiser, scheduler)  # the denoiser given, e.g. the trainer's EMA generator
         # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
         self.labels = {}
         for index, names in (id2label or {}).items():
@@ -123,7 +115,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
-        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`.
+        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`, restricted to the files this pipeline reads
+        (`pipelines.loading.download_patterns`).
 
         Diffusers' own `download` rejects component classes from third-party packages unless the repo ships their
         source in the repo; loading from the local snapshot then resolves `sida_diffusers.*` classes.
@@ -137,7 +130,9 @@ class EDMFamilyPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"{pretrained_model_name} is neither an existing pipeline folder nor a Hub repo id "
                                     "('owner/name'); check the path.") from None
         keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-        return snapshot_download(pretrained_model_name, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
+        # Only the files a pipeline folder is read from: a repository may hold anything else (code, pickles, data).
+        return snapshot_download(pretrained_model_name, allow_patterns=download_patterns(cls),
+                                 **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -179,7 +174,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         that image's generator after its noise, as in EDM's generate script, so image i depends only on generator i
         whatever the batch size.
         """
-        label_dim = self.unet.label_dim
+        label_dim = self.denoiser.label_dim
         if label_dim == 0:
             if class_labels is not None or label_pool is not None:
                 raise ValueError("this model is unconditional (label_dim=0) but class_labels were given; pass None.")
@@ -255,7 +250,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
     # ---- noise -------------------------------------------------------------------------------------------------
     def check_common_inputs(self, batch_size: int, output_type: str, generator: GeneratorLike):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -267,7 +262,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         return _as_generators(generator, batch_size)
 
     def sample_shape(self, batch_size: int) -> tuple:
-        unet = self.unet
+        unet = self.denoiser
         return (batch_size, unet.img_channels, unet.img_resolution, unet.img_resolution)
 
     def prepare_noise(self, batch_size: int, generator: GeneratorLike, latents: Optional[torch.Tensor], device):
@@ -291,8 +286,11 @@ class EDMFamilyPipeline(DiffusionPipeline):
         Latent models: vae.decode((x - bias) / scale) is an image in [0, 1]; uint8 = clamp(0, 1)*255, truncated
         (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel); "np" -> float32 array [N, H, W, C]
         in [0, 1] as in Diffusers, equal to uint8 / 255 so that `np_to_uint8` (round(x*255)) gives EDM's bytes back;
-        "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation.
+        "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation; "latent" -> the network output x itself
+        (EDM2: the normalised latents, before the VAE; pixel models: the image in [-1, 1]).
         """
+        if output_type == "latent":
+            return x
         if self.config.latent_scale is not None:
             image = decode_latents(self.vae, x, self.config.latent_scale, self.config.latent_bias)
             uint8 = unit_to_uint8(image)
@@ -306,8 +304,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
         return array.astype(np.float32) / 255 if output_type == "np" else uint8_to_pil(array)
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
-        unet = self.unet
+        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10 item 8)."""
+        unet = self.denoiser
         augment = torch.zeros(z.shape[0], unet.augment_dim, device=z.device) if unet.augment_dim else None
         sigma = torch.full((z.shape[0], 1, 1, 1), float(sigma), device=z.device)
         return unet(z, sigma, labels, augment_labels=augment)
@@ -318,12 +316,14 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
     Components: `unet`, the generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
+    A generator distilled from a Diffusers UNet2DModel teacher is stored as that: `unet` is a plain `UNet2DModel`
+    and `scheduler` carries its noise schedule (ALGORITHM.md §12); `pipe.denoiser` is the generator either way.
     Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
-    None for pixel models), `step_sigmas` (the K noise levels the generator was trained to be applied at, starting at
-    `init_sigma`; `[init_sigma]` for a one-step generator, and for folders saved before few-step training existed)
-    and `renoise` ("fresh" or "fixed" noise between steps, ALGORITHM.md §11.3). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)` where this package is not installed, and keep their model card (`PublishingMixin`).
+    None for pixel models), `step_sigmas` and `renoise` (the trained step grid, ALGORITHM.md §11; `[init_sigma]` for a
+    one-step generator and for folders saved without one). Saved folders also load with
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where this package is not installed, and keep
+    their model card (`PublishingMixin`).
 
     ```py
     pipe = SiDAPipeline.from_pretrained("user/sida-cifar10-uncond", dtype=torch.float32).to("cuda")
@@ -333,8 +333,9 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
     def __init__(
         self,
-        unet: Denoiser,
+        unet: Union[Denoiser, UNet2DModel],
         vae=None,
+        scheduler=None,                     # the noise schedule of a UNet2DModel unet (§12); None otherwise
         init_sigma: float = INIT_SIGMA,    # sigma of the generator's input noise z = init_sigma * eps (§2)
         id2label: Optional[dict] = None,    # class index -> name(s)
         latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
@@ -343,13 +344,15 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         renoise: str = "fresh",               # noise between steps: "fresh" draws, or "fixed" = the first draw (§11.3)
     ):
         super().__init__()
-        if not float(init_sigma) > 0:
-            raise ValueError(f"init_sigma must be positive (the official value is {INIT_SIGMA}), got {init_sigma}.")
-        step_sigmas = [float(init_sigma)] if step_sigmas is None else list(step_sigmas)
-        step_sigmas = check_step_sigmas(step_sigmas, len(step_sigmas), float(init_sigma))
-        if renoise not in RENOISE_MODES:
-            raise ValueError(f"renoise must be one of {RENOISE_MODES}, got {renoise!r}.")
-        self._register_common(unet, vae, id2label, latent_scale, latent_bias)
+        try:
+            valid = not isinstance(init_sigma, (bool, str)) and 0 < float(init_sigma) < math.inf
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"init_sigma must be positive and finite (the official value is {INIT_SIGMA}), got "
+                             f"{str(init_sigma)[:40]} (in model_index.json when the pipeline was loaded).")
+        step_sigmas = check_grid(step_sigmas, renoise, init_sigma)
+        self._register_common(unet, vae, id2label, latent_scale, latent_bias, scheduler)
         self.register_to_config(init_sigma=float(init_sigma), step_sigmas=step_sigmas, renoise=renoise)
 
     @property
@@ -369,6 +372,8 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         return_dict: bool = True,
         label_pool: Optional[Sequence[int]] = None,
         sigmas: Optional[Sequence[float]] = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
         r"""Generate `batch_size` images.
 
@@ -385,16 +390,20 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
                 `step_sigmas` (ALGORITHM.md §11.4); default: all K the generator was trained for (1 for a one-step
                 generator). More than K is refused: pass `sigmas` for an untrained schedule.
             output_type: "pil", "np" (float32 `[N, H, W, C]` in [0, 1], Diffusers' convention: the exact EDM uint8
-                image / 255, so `np_to_uint8(images)` gives its bytes) or "pt" (float `[N, C, H, W]` in [0, 1], not
-                quantised).
+                image / 255, so `np_to_uint8(images)` gives its bytes), "pt" (float `[N, C, H, W]` in [0, 1], not
+                quantised) or "latent" (the generator's output before decoding: EDM2's normalised latents).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             label_pool: with `class_labels=None`, draw each image's label from these class labels (e.g. the training
                 set's, as the paper's evaluation does) instead of uniformly over the classes.
             sigmas: an explicit, strictly decreasing schedule of noise levels to run instead of the trained grid (as
                 Diffusers' `sigmas` argument); a warning says so when it is not what the generator was trained on.
+            callback_on_step_end: called as `callback(pipe, step, sigma, callback_kwargs)` after each generator
+                evaluation (Diffusers' convention); `callback_kwargs` holds `callback_on_step_end_tensor_inputs`
+                ("latents": the sample so far), and a "latents" entry of the returned dict replaces it.
         """
         # 1. Check inputs; the noise levels to run: a prefix of the trained grid, or the caller's `sigmas` (§11.4)
         generator = self.check_common_inputs(batch_size, output_type, generator)
+        callback, tensor_inputs = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         sigmas = inference_sigmas(self.config.step_sigmas or [self.config.init_sigma], num_inference_steps, sigmas)
         # 2. Noise, then (per image, from the same generator) the labels
         device = self._execution_device
@@ -403,14 +412,14 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         # 3. The generator along the grid; fresh noise between steps comes from the same generators, after the labels
         bar = self.progress_bar(total=len(sigmas)) if len(sigmas) > 1 else None
 
-        def generate_at(x, sigma):
-            x = self.run_generator(x, sigma, labels)
+        def on_step(k, sigma, x):  # the progress bar of a multistep call, and Diffusers' callback_on_step_end
             if bar is not None:
                 bar.update()
-            return x
+            return self.step_end(callback, tensor_inputs, k, sigma, x)
 
         draw = lambda: randn_tensor(eps.shape, generator=generator, device=device, dtype=torch.float32)
-        x = few_step_generate(generate_at, eps, sigmas, self.config.renoise or "fresh", draw)
+        x = few_step_generate(lambda x, sigma: self.run_generator(x, sigma, labels), eps, sigmas,
+                              self.config.renoise or "fresh", draw, on_step=on_step)
         if bar is not None:
             bar.close()
         # 4. Decode (EDM2 latents: once, after the last step) and convert

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from sida_diffusers.pipelines.few_step import few_step_generate  # noqa: F401  (the trainer's sampler, §11.1)
 from sida_diffusers.schedule import step_sigmas
 from sida_diffusers.training.config import TrainConfig
 
@@ -35,6 +36,16 @@ def check_config(cfg: TrainConfig) -> list:
     if cfg.best_steps is not None and not 1 <= cfg.best_steps <= cfg.num_steps:
         raise ValueError(f"--best_steps must lie in 1..--num_steps ({cfg.num_steps}), got {cfg.best_steps}.")
     return sigmas
+
+
+def record_fields(cfg: TrainConfig) -> dict:
+    """The few-step fields of the run's `RunRecord` (None for a one-step generator) and its `sampling` entry: how the
+    recorded metrics were sampled (`evaluated_steps`: the step counts of the metric names, §11.4)."""
+    few = cfg.num_steps > 1
+    return {"num_steps": cfg.num_steps if few else None, "step_sigmas": config_step_sigmas(cfg) if few else None,
+            "renoise": cfg.renoise if few else None, "step_sampling": cfg.step_sampling if few else None,
+            "sampling": {"init_sigma": cfg.init_sigma, "num_steps": cfg.num_steps,
+                         "evaluated_steps": list(evaluation_steps(cfg)), "num_samples": cfg.eval_num_samples}}
 
 
 def evaluation_steps(cfg: TrainConfig) -> tuple:

@@ -1,5 +1,5 @@
 """The networks of a run: loading the teacher (and SiD²A's generator), deriving the trainable fake score and generator
-from them, their optimizers, and their compilation.
+from them, their optimizers, their gradient clean-up (ALGORITHM.md §5.4) and their compilation.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ def derive_network(source: Denoiser, dropout: Optional[float] = None, logvar: Op
     if dropout is not None:
         if "model_kwargs" in config:  # EDM family: the UNet keywords hold the dropout
             config["model_kwargs"] = {**(config["model_kwargs"] or {}), "dropout": dropout}
+        elif "unet_config" in config:  # a Diffusers UNet2DModel (ALGORITHM.md §12)
+            config["unet_config"] = {**config["unet_config"], "dropout": dropout}
         else:
             config["dropout"] = dropout
     if logvar is not None and "logvar_channels" in config:
@@ -58,8 +60,10 @@ def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: tor
     eps = 1e-6 if cfg.mixed_precision == "fp16" else 1e-8
     fused = cfg.adam_fused if cfg.adam_fused is not None else device.type == "cuda"
     adam = dict(eps=eps, fused=fused, foreach=not fused)
-    return (torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
-            torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
+    # named parameters: the state dict then lists each parameter's name beside its id, so a resumed state is mapped
+    # onto the parameters by name (training.state_checks), not by position
+    return (torch.optim.Adam(fake.named_parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
+            torch.optim.Adam(gen.named_parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
 
 
 def lr_factor(scheduler: str, progress: float) -> float:
@@ -91,3 +95,13 @@ def compile_networks(networks, backend: str) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for net in networks:
         net.compile(backend=backend)
+
+
+def sanitize_grads(net: torch.nn.Module, clip: Optional[float]) -> None:
+    """nan_to_num on every gradient, then optional value clipping (ALGORITHM.md §5.4)."""
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
+        torch._foreach_clamp_min_(grads, -clip)
+        torch._foreach_clamp_max_(grads, clip)

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from sida_diffusers.evaluation import plot_metric_curve
+from sida_diffusers.evaluation import plot_curves
 from sida_diffusers.losses import (
     discriminator_loss,
     fake_score_loss,
@@ -36,7 +36,7 @@ from sida_diffusers.losses import (
     sida_adversarial_loss,
 )
 from sida_diffusers.networks.base import Denoiser
-from sida_diffusers.pipelines.few_step import few_step_generate
+from sida_diffusers.pretrained import declared_license
 from sida_diffusers.training import checkpointing, few_step, launch, models, outputs, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
@@ -79,6 +79,7 @@ class SiDATrainer:
         validation.check_config(cfg, generator_init, dataset)
         self.step_sigmas = few_step.check_config(cfg)  # the K noise levels of the generator's steps (§11.1)
         self.accelerator = acc = accelerator or launch.make_accelerator(cfg)
+        self.cfg = cfg = launch.effective_precision(cfg, acc.device, acc.print)  # fp16 on a CPU trains in fp32
         self.device, self.world_size, self.rank = acc.device, acc.num_processes, acc.process_index
         self.total_batch_size, self.rounds = validation.batch_layout(cfg, self.world_size)
         self.batch_per_process = cfg.train_batch_size * self.rounds  # B_tot, the divisor of every loss (§4.5)
@@ -87,12 +88,13 @@ class SiDATrainer:
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
         self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).to(self.device).eval()
+        self.teacher_license = declared_license(cfg.teacher)  # what the model card inherits
         self.teacher.requires_grad_(False)
         init = generator_init
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
         self.dataset = dataset if dataset is not None else self._build_dataset()
-        validation.check_networks(cfg, self.teacher, init)
+        validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
 
         fake, gen = models.student_networks(cfg, self.teacher, init)
@@ -118,6 +120,7 @@ class SiDATrainer:
                                                            acc.is_main_process)
         self.label_pool = outputs.evaluation_label_pool(self.dataset, self.teacher)
         self._pipeline = None
+        self.push_error: Optional[str] = None  # the one line a failed end-of-run push leaves
         self.cur_nimg = 0
         self.k_star = cfg.num_steps  # the steps whose output the current iteration trains (§11.2)
         self.step_tally = few_step.StepTally(cfg.num_steps, self.device)
@@ -155,10 +158,15 @@ class SiDATrainer:
         """The `SiDAPipeline` over the EMA generator that samples every grid, evaluation and export of the run."""
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
-            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.cfg.init_sigma, vae,
+            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.teacher, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None), self.step_sigmas,
                                                        self.cfg.renoise)
         return self._pipeline
+
+    @property
+    def final_nimg(self) -> int:
+        """cur_nimg at the end of the run: whole iterations up to --max_train_kimg."""
+        return math.ceil(_nimg(self.cfg.max_train_kimg) / self.total_batch_size) * self.total_batch_size
 
     def unwrap(self, net):
         return self.accelerator.unwrap_model(net)
@@ -168,13 +176,12 @@ class SiDATrainer:
         return torch.zeros([n, self.teacher.augment_dim], device=self.device) if self.teacher.augment_dim else None
 
     def generate(self, net, labels, n: int) -> torch.Tensor:
-        """x_g: the generator's k*-th output along the step grid, from z = init_sigma * eps with zero augment labels
-        (ALGORITHM.md §2, §11.1); for K = 1 exactly x_g = G(z; init_sigma, c). With `uniform` step sampling the steps
-        before the k*-th run without gradient; with `all`, every step carries it (§11.2)."""
+        """x_g: the k*-th output of G along the step grid from z = init_sigma * eps, zero augment labels (ALGORITHM.md
+        §2, §11.1; K = 1: exactly G(z; init_sigma, c)); `uniform` runs the steps before the k*-th without gradient."""
         eps, zeros = torch.randn([n, *self.img_shape], device=self.device), self._augment_zeros(n)
         at = lambda x, sigma: net(x, torch.full([n, 1, 1, 1], sigma, device=self.device), labels, zeros)
-        return few_step_generate(at, eps, self.step_sigmas[:self.k_star], self.cfg.renoise,
-                                 lambda: torch.randn_like(eps), grad_last_only=self.cfg.step_sampling == "uniform")
+        return few_step.few_step_generate(at, eps, self.step_sigmas[:self.k_star], self.cfg.renoise,
+                                          lambda: torch.randn_like(eps), grad_last_only=self.cfg.step_sampling == "uniform")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
@@ -234,7 +241,7 @@ class SiDATrainer:
                     self.last_losses["d_loss"] = (cfg.discriminator_loss_scale * loss_d / self.batch_per_process).detach()
                 self.accelerator.backward(total / self.batch_per_process)
         clip = 1.0 if adversarial and not self.is_edm2 else None  # value clip: EDM SiDA only (§5.4)
-        self._sanitize_grads(fake, clip)
+        models.sanitize_grads(fake, clip)
         self.opt_fake.step()
 
     def generator_phase(self, stage: Stage) -> None:
@@ -273,19 +280,9 @@ class SiDATrainer:
                     objective = cfg.sid_loss_scale * loss_sid
                 self.accelerator.backward(objective / self.batch_per_process)
         if stage.step_generator:
-            self._sanitize_grads(gen, None)
+            models.sanitize_grads(gen, None)
             self.opt_gen.step()
         self.opt_gen.zero_grad(set_to_none=True)
-
-    @staticmethod
-    def _sanitize_grads(net: torch.nn.Module, clip: Optional[float]) -> None:
-        """nan_to_num on every gradient, then optional value clipping (ALGORITHM.md §5.4)."""
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        for g in grads:
-            torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
-        if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
-            torch._foreach_clamp_min_(grads, -clip)
-            torch._foreach_clamp_max_(grads, clip)
 
     def stage(self, cur_nimg: Optional[int] = None) -> Stage:
         """The `Stage` at `cur_nimg` (before the increment); strict thresholds, counted in images (§5.2)."""
@@ -314,22 +311,25 @@ class SiDATrainer:
             checkpointing.set_rng_state(self._resume_rng)
             self._resume_rng = None
         if acc.is_main_process:
+            if cfg.overwrite_output_dir and self.cur_nimg == 0:
+                checkpointing.clear_output_dir(self.output_dir, cfg.logging_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        acc.init_trackers("sida", config={k: v for k, v in dataclasses.asdict(cfg).items()
-                                          if isinstance(v, (int, float, str, bool))})
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        acc.wait_for_everyone()
+        acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items()
+                                                            if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
                   f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
                   f"{cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
-        final_nimg = math.ceil(max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
-        bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
+        bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
-        if acc.is_main_process:  # the teacher's 35-NFE figure, meanwhile on the idle core of a CPU run
+        if acc.is_main_process:  # the teacher's multi-step figures, meanwhile on the idle core of a CPU run
+            samplers = summary.teacher_samplers(self.teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
             baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
                                                       self.label_pool, background=self.device.type == "cpu"
-                                                      and not cfg.compile)
+                                                      and not cfg.compile, samplers=samplers)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
         first = True
         while self.cur_nimg < max_nimg:
@@ -379,34 +379,34 @@ class SiDATrainer:
                                                            few_step.evaluation_steps(self.cfg))
             outputs.log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                                {"kimg": self.cur_nimg / 1000, **results}, self.cur_nimg)
-            plot_metric_curve(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
+            plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
             if self.tracker.update_from(results, self.cur_nimg / 1000):
-                self.export(self.output_dir / "best_pipeline", metrics=results)
+                self.export(self.output_dir / "best_pipeline", self.record(results))
         self.accelerator.wait_for_everyone()
 
-    def _finish(self, teacher_metrics: Optional[dict]) -> Path:
-        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's baseline in
-        its card), the run summary and the optional Hub push."""
-        cfg = self.cfg
+    def _finish(self, teacher_evals: Optional[list]) -> Path:
+        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's Heun
+        baseline in its card), the run summary (every teacher sampler) and the optional Hub push."""
         outputs.plot_loss_curves(self.output_dir)
-        pipeline_dir = self.export(self.output_dir / "pipeline", teacher_metrics=teacher_metrics)
-        summary.write_run_summary(self.output_dir, cfg.method, cfg.alpha, cfg.teacher, self.cur_nimg / 1000,
-                                  self.last_metrics, teacher_metrics,
-                                  self.tracker.state_dict() if self.tracker else None, cfg.eval_num_samples, cfg.num_steps)
-        if cfg.push_to_hub:
-            from sida_diffusers.hub import push_to_hub
-
-            push_to_hub(pipeline_dir, cfg.hub_model_id or self.output_dir.resolve().name)
+        teacher_metrics = teacher_evals[0]["metrics"] if teacher_evals else None
+        record = self.record(self.last_metrics, teacher_metrics)
+        pipeline_dir = self.export(self.output_dir / "pipeline", record)
+        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None,
+                                  teacher_evals)
+        if self.cfg.push_to_hub:
+            self.push_error = summary.push_pipeline(pipeline_dir, validation.hub_repo_id(self.cfg), self.cfg.hub_token)
         return pipeline_dir
 
-    def run_info(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> dict:
-        return outputs.run_info(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
-                                self.world_size, self.seed, metrics, teacher_metrics, summary.TEACHER_NFE)
+    def record(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None):
+        """The `RunRecord` of the run as it stands (run_info.json of checkpoints and exports, the model card)."""
+        return outputs.run_record(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
+                                  self.world_size, self.seed, self.teacher_license, metrics, teacher_metrics,
+                                  summary.TEACHER_NFE)
 
-    def export(self, out_dir: Path, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> Path:
-        """Write the SiDAPipeline folder of the EMA generator (model card included)."""
-        info = self.run_info(metrics if metrics is not None else self.last_metrics, teacher_metrics)
-        return outputs.export(self.pipeline, out_dir, info, self.cfg.sample_grid_size, self.cfg.hub_model_id)
+    def export(self, out_dir: Path, record=None) -> Path:
+        """Publish the run's pipeline (the EMA generator) with the model card of `record` (default: the run now)."""
+        return outputs.export(self.pipeline, out_dir, record or self.record(self.last_metrics),
+                              self.cfg.sample_grid_size, self.cfg.hub_model_id)
 
     # ---- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -418,9 +418,9 @@ class SiDATrainer:
                      "opt_fake": self.opt_fake.state_dict(), "opt_gen": self.opt_gen.state_dict(),
                      "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
                      "data": [s["data"] for s in per_rank], "best": self.tracker.state_dict() if self.tracker else None,
-                     "config": dataclasses.asdict(self.cfg)}
+                     "config": self.cfg.to_dict()}
             checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, self._networks(), state,
-                                          self.run_info(self.last_metrics), self.cfg.checkpoints_total_limit)
+                                          self.record(self.last_metrics).to_dict(), self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return checkpointing.checkpoint_path(self.output_dir, self.cur_nimg)
 
@@ -434,9 +434,11 @@ class SiDATrainer:
             if spec:
                 self.accelerator.print(f"no checkpoint under {self.output_dir / 'checkpoints'}; starting a new run")
             return
+        limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
+                                         self.cfg.resume_optimizer_settings_from_checkpoint)
         state = checkpointing.load_checkpoint(path, self._networks(), {"opt_fake": self.opt_fake,
-                                                                       "opt_gen": self.opt_gen}, self.ema)
-        self.cur_nimg, self.seed = int(state["cur_nimg"]), int(state["seed"])
+                                                                       "opt_gen": self.opt_gen}, self.ema, limits)
+        self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work
             self.batches.load_state_dict(state["data"][self.rank])

@@ -1,5 +1,5 @@
 """The networks of a run: loading the teacher (and SiD²A's generator), deriving the trainable fake score and generator
-from them, their optimizers, and their compilation.
+from them, their placement (device, memory format, activation checkpointing, DDP or FSDP), optimizers and compilation.
 """
 
 from __future__ import annotations
@@ -51,6 +51,27 @@ def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoise
     for net in (fake, gen, teacher):
         net.register_to_config(use_fp16=cfg.mixed_precision == "fp16")
     return fake, gen
+
+
+def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[Denoiser], device: torch.device):
+    """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, opt_fake, opt_gen)``, the
+    first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA a frozen
+    copy of the generator laid out like it (ALGORITHM.md §13.1, §13.2); the teacher is placed alongside."""
+    fake, gen = student_networks(cfg, teacher, init)
+    ema = copy.deepcopy(gen).eval().requires_grad_(False).to(device)
+    fake, gen = fake.to(device), gen.to(device)
+    if cfg.channels_last:
+        for net in (fake, gen, teacher, ema):
+            net.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:  # the teacher too: the generator's gradient flows through it (§13.4)
+        for net in (fake, gen, teacher):
+            net.enable_gradient_checkpointing()
+    layout.shard((fake, gen, teacher, ema), device)
+    opt_fake, opt_gen = make_optimizers(cfg, fake, gen, device)
+    if cfg.compile:
+        compile_networks((fake, gen, teacher), cfg.compile_backend)
+    fake, gen = layout.prepare(fake, gen)
+    return fake, gen, ema, opt_fake, opt_gen
 
 
 def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: torch.device):

@@ -40,6 +40,11 @@ def fd_digits_key(metrics: dict) -> Optional[str]:
     return next((k for k in metrics if _is_fd_digits(k)), None)
 
 
+def evaluates_teacher(metrics) -> bool:
+    """Whether a run evaluating `metrics` also evaluates its teacher (`teacher_baseline`: FD-digits runs)."""
+    return FD_DIGITS in metrics
+
+
 def teacher_pipeline(teacher) -> EDMHeunPipeline:
     """The teacher's 35-NFE Heun sampler as a pipeline (progress bar off)."""
     pipe = EDMHeunPipeline(unet=teacher, preset=TEACHER_SAMPLER)
@@ -55,7 +60,7 @@ def teacher_cache_key(teacher_name: str, num_samples: int) -> dict:
 def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool) -> Optional[dict]:
     """The suite's metrics of the teacher (Heun, 35 NFE) on the student's evaluation seeds and labels, or None when
     the run evaluated no FD-digits. Reused from `output_dir/summary.json` when it holds the same evaluation."""
-    if suite is None or FD_DIGITS not in suite.metrics:
+    if suite is None or not evaluates_teacher(suite.metrics):
         return None
     key = teacher_cache_key(teacher_name, suite.num_samples)
     path = Path(output_dir) / SUMMARY_FILE

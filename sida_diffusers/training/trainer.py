@@ -3,7 +3,8 @@
 One iteration (`SiDATrainer.step`) = a fake-score/discriminator phase, a generator phase, the EMA update and
 ``cur_nimg += total_batch_size``. Each phase runs R accumulation rounds of B samples per process, backpropagates every
 round with DDP gradient sync only on the last one, and divides every loss by the per-process batch B*R (§4.5, §5.3).
-Per-process batch statistics (the pooled BCE of §4.2/§4.4) are never gathered across processes.
+Per-process batch statistics (the pooled BCE of §4.2/§4.4) are never gathered across processes; `--fsdp` shards the
+networks instead of wrapping them in DDP (`sharding.NetworkLayout`, ALGORITHM.md §13).
 
 Around the loop: input checks (`validation`), the networks (`models`), checkpoints and resume (`checkpointing`), and
 grids, evaluation and export (`outputs`, `summary`).
@@ -12,7 +13,6 @@ grids, evaluation and export (`outputs`, `summary`).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -36,7 +36,7 @@ from sida_diffusers.losses import (
     sida_adversarial_loss,
 )
 from sida_diffusers.networks.base import Denoiser
-from sida_diffusers.training import checkpointing, launch, models, outputs, summary, validation
+from sida_diffusers.training import checkpointing, launch, memory_plan, models, outputs, sharding, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
 from sida_diffusers.training.ema import HalfLifeEMA
@@ -84,26 +84,22 @@ class SiDATrainer:
         self.seed = launch.run_seed(cfg.seed, self.world_size)
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
-        self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).to(self.device).eval()
-        self.teacher.requires_grad_(False)
+        self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).eval().requires_grad_(False)
         init = generator_init
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
         self.dataset = dataset if dataset is not None else self._build_dataset()
         validation.check_networks(cfg, self.teacher, init)
         validation.check_data(self.dataset, self.teacher)
+        memory_plan.check_fits(cfg, self.teacher, self.device, self.world_size)  # before anything is on the device
+        self.teacher.to(self.device)
 
-        fake, gen = models.student_networks(cfg, self.teacher, init)
-        self.generator_ema = copy.deepcopy(gen).eval().requires_grad_(False).to(self.device)
-        fake, gen = fake.to(self.device), gen.to(self.device)
-        if cfg.channels_last:
-            for net in (fake, gen, self.teacher, self.generator_ema):
-                net.to(memory_format=torch.channels_last)
-        self.opt_fake, self.opt_gen = models.make_optimizers(cfg, fake, gen, self.device)
-        if cfg.compile:
-            models.compile_networks((fake, gen, self.teacher), cfg.compile_backend)
-        self.fake_score, self.generator = acc.prepare(fake, gen)
-        self.ema = HalfLifeEMA(gen, self.generator_ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        self.layout = sharding.NetworkLayout(acc, cfg.fsdp)
+        self.fake_score, self.generator, self.generator_ema, self.opt_fake, self.opt_gen = models.setup_networks(
+            cfg, self.layout, self.teacher, init, self.device)
+        self.ema = HalfLifeEMA(self.unwrap(self.generator), self.generator_ema, cfg.ema_halflife_kimg,
+                               cfg.ema_rampup_ratio)
+        self._sampling_ema = self.generator_ema  # under --fsdp: its gathered copy, during maintenance only
 
         self.augment_pipe = None
         if cfg.augment_p > 0:
@@ -151,9 +147,20 @@ class SiDATrainer:
         """The `SiDAPipeline` over the EMA generator that samples every grid, evaluation and export of the run."""
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
-            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.cfg.init_sigma, vae,
+            self._pipeline = outputs.sampling_pipeline(self._sampling_ema, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None))
+        self._pipeline.unet = self._sampling_ema
         return self._pipeline
+
+    @contextlib.contextmanager
+    def gathered_ema(self):
+        """Collective: under `--fsdp` an unsharded EMA copy (main process) samples one maintenance step (§13.2)."""
+        with self.layout.gathered(self.generator_ema, self.device) as ema:
+            self._sampling_ema = ema
+            yield
+        self._sampling_ema = None if self.layout.sharded else self.generator_ema
+        if self._pipeline is not None:
+            self._pipeline.unet = self._sampling_ema
 
     def unwrap(self, net):
         return self.accelerator.unwrap_model(net)
@@ -171,8 +178,8 @@ class SiDATrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
 
     def _sync(self, model, last_round: bool):
-        """DDP gradient all-reduce only on the last accumulation round (§5.3)."""
-        return contextlib.nullcontext() if last_round else self.accelerator.no_sync(model)
+        """DDP gradient all-reduce only on the last accumulation round (§5.3); FSDP reduces every round (§13.1)."""
+        return contextlib.nullcontext() if last_round else self.layout.no_sync(model)
 
     def _augment(self, x: torch.Tensor):
         if self.augment_pipe is None:
@@ -227,6 +234,7 @@ class SiDATrainer:
         clip = 1.0 if adversarial and not self.is_edm2 else None  # value clip: EDM SiDA only (§5.4)
         self._sanitize_grads(fake, clip)
         self.opt_fake.step()
+        self.opt_fake.zero_grad(set_to_none=True)  # its gradients would otherwise live through the G phase (§13.4)
 
     def generator_phase(self, stage: Stage) -> None:
         """Generator update: §4.3, §4.4 and the stage objective of §4.5, §5.1 step 2."""
@@ -268,10 +276,10 @@ class SiDATrainer:
             self.opt_gen.step()
         self.opt_gen.zero_grad(set_to_none=True)
 
-    @staticmethod
-    def _sanitize_grads(net: torch.nn.Module, clip: Optional[float]) -> None:
-        """nan_to_num on every gradient, then optional value clipping (ALGORITHM.md §5.4)."""
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
+    def _sanitize_grads(self, net: torch.nn.Module, clip: Optional[float]) -> None:
+        """nan_to_num on every gradient (shard), then optional value clipping (ALGORITHM.md §5.4, §13.1)."""
+        self.layout.finish_gradients(net)
+        grads = [sharding.local(p.grad) for p in net.parameters() if p.grad is not None]
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
         if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
@@ -315,8 +323,10 @@ class SiDATrainer:
         bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
+        wanted = self.tracker is not None and summary.evaluates_teacher(cfg.eval_metrics)  # same on every process
+        teacher = self.layout.full_copy(self.teacher, self.device) if wanted else None
         if acc.is_main_process:  # the teacher's 35-NFE figure, meanwhile on the idle core of a CPU run
-            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
+            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, teacher,
                                                       self.label_pool, background=self.device.type == "cpu"
                                                       and not cfg.compile)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
@@ -330,17 +340,21 @@ class SiDATrainer:
                 self._log_tick(tick, stage)
                 tick, first = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}, False
             maintenance_start = time.time()
-            if self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg)):
-                self._evaluate_and_track()
-            if done or self._crossed(prev, cfg.checkpointing_kimg):
-                if acc.is_main_process and cfg.sample_grid_size > 0:
-                    grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
-                                                    f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
-                    outputs.log_image(acc, "samples", grid, self.cur_nimg)
-                self.save_checkpoint()
+            evaluate = self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg))
+            checkpoint = done or self._crossed(prev, cfg.checkpointing_kimg)
+            with self.gathered_ema() if evaluate or checkpoint else contextlib.nullcontext():
+                if evaluate:
+                    self._evaluate_and_track()
+                if checkpoint:
+                    if acc.is_main_process and cfg.sample_grid_size > 0:
+                        grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
+                                                        f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
+                        outputs.log_image(acc, "samples", grid, self.cur_nimg)
+                    self.save_checkpoint()
             tick["maintenance"] += time.time() - maintenance_start
         bar.close()
-        pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
+        with self.gathered_ema():
+            pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
         acc.wait_for_everyone()
         acc.end_training()
         return pipeline_dir
@@ -396,16 +410,17 @@ class SiDATrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically and prune old ones (checkpointing.py)."""
+        """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically, from full tensors (§13.3), and prune old ones."""
         per_rank = gather_object([{"rng": checkpointing.rng_state(),
                                    "data": self.batches.state_dict()}])
+        networks = self.layout.full_networks(self._networks())
+        optimizers = self.layout.full_optimizer_states({"opt_fake": self.opt_fake, "opt_gen": self.opt_gen})
         if self.accelerator.is_main_process:
             state = {"cur_nimg": self.cur_nimg, "seed": self.seed, "num_processes": self.world_size,
-                     "opt_fake": self.opt_fake.state_dict(), "opt_gen": self.opt_gen.state_dict(),
-                     "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
+                     **optimizers, "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
                      "data": [s["data"] for s in per_rank], "best": self.tracker.state_dict() if self.tracker else None,
                      "config": dataclasses.asdict(self.cfg)}
-            checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, self._networks(), state,
+            checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, networks, state,
                                           self.run_info(self.last_metrics), self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return checkpointing.checkpoint_path(self.output_dir, self.cur_nimg)
@@ -420,8 +435,9 @@ class SiDATrainer:
             if spec:
                 self.accelerator.print(f"no checkpoint under {self.output_dir / 'checkpoints'}; starting a new run")
             return
-        state = checkpointing.load_checkpoint(path, self._networks(), {"opt_fake": self.opt_fake,
-                                                                       "opt_gen": self.opt_gen}, self.ema)
+        view = self.layout.checkpoint_view  # full tensors in, whatever the layout (§13.3)
+        state = checkpointing.load_checkpoint(path, {k: view(v) for k, v in self._networks().items()},
+                                              {"opt_fake": view(self.opt_fake), "opt_gen": view(self.opt_gen)}, self.ema)
         self.cur_nimg, self.seed = int(state["cur_nimg"]), int(state["seed"])
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work

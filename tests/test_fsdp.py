@@ -125,3 +125,77 @@ def test_fsdp_trains_like_ddp_and_resumes_across_layouts(tmp_path, family_flags)
             assert np.mean(same) > 0.99 and max((b[k] - a[k]).abs().max().item() for k in a) <= 3 * 1e-3
         else:
             assert (ddp_dir / name).read_bytes() == (fsdp_dir / name).read_bytes(), name
+
+
+# ---- one process, and the launch options ---------------------------------------------------------------------------
+
+@pytest.fixture
+def one_process_group():
+    """`--fsdp` without a launcher makes its own one-process group; end it so later tests see none."""
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def test_fsdp_on_one_process_trains_like_the_unsharded_run_and_checkpoints_the_same_tensors(tmp_path, digits8,
+                                                                                          one_process_group):
+    from sida_diffusers.training import SiDATrainer
+    from sida_diffusers.training.sharding import is_sharded
+
+    from conftest import tiny_config
+
+    runs = {}
+    for name, fsdp in (("plain", False), ("sharded", True)):
+        trainer = SiDATrainer(tiny_config(tmp_path / name, fsdp=fsdp, warmup_kimg=0, adversarial_start_kimg=0),
+                              teacher=tiny_teacher(), dataset=digits8)
+        assert all(is_sharded(n) == fsdp for n in (trainer.generator, trainer.fake_score, trainer.teacher,
+                                                  trainer.generator_ema))
+        recorded = []
+        for _ in range(2):
+            trainer.step()
+            recorded.append({k: float(v) for k, v in trainer.last_losses.items()})
+        runs[name] = (recorded, trainer.save_checkpoint())
+    assert_same_losses(runs["plain"][0], runs["sharded"][0], rel=1e-6)
+    plain, sharded = (training_tensors(path) for _, path in runs.values())
+    assert plain.keys() == sharded.keys()
+    for key in plain:
+        if not key.startswith("state/data"):
+            torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_accelerate_launch_use_fsdp_maps_onto_fsdp(monkeypatch):
+    from sida_diffusers.training import make_config
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert make_config().fsdp and not make_config().gradient_checkpointing
+    monkeypatch.setenv("FSDP_ACTIVATION_CHECKPOINTING", "true")
+    assert make_config().gradient_checkpointing
+    for variable, value, problem in (("FSDP_OFFLOAD_PARAMS", "true", "fsdp_offload_params is not supported"),
+                                     ("FSDP_SHARDING_STRATEGY", "SHARD_GRAD_OP", "SHARD_GRAD_OP is not supported")):
+        monkeypatch.setenv(variable, value)
+        with pytest.raises(ValueError, match=problem):
+            make_config()
+        monkeypatch.delenv(variable)
+    with pytest.raises(ValueError, match="--no-fsdp disagrees with `accelerate launch --use_fsdp`"):
+        make_config(fsdp=False)
+
+
+def test_a_launcher_that_starts_one_of_several_processes_is_recognised():
+    from sida_diffusers.training.launch import requested_processes
+
+    assert requested_processes(["/venv/bin/accelerate", "launch", "--cpu", "--num_processes", "2", "t.py"]) == 2
+    assert requested_processes(["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num-processes=4", "t.py"]) == 4
+    assert requested_processes(["/venv/bin/accelerate", "launch", "t.py", "--num_machines", "1"]) == 1
+    assert requested_processes(["python", "-m", "accelerate.commands.launch", "--num_processes", "2", "t.py"]) == 2
+    assert requested_processes(["python", "-m", "torch.distributed.run", "--nproc_per_node", "2", "t.py"]) == 1
+
+
+def test_the_trainer_refuses_to_run_one_process_of_the_two_asked_for(tmp_path, monkeypatch):
+    from sida_diffusers.training import SiDATrainer, launch
+
+    from conftest import tiny_config
+
+    monkeypatch.setattr(launch, "requested_processes", lambda: 2)
+    with pytest.raises(ValueError, match=r"asked for 2 processes but started one .* --multi_gpu --num_processes 2"):
+        SiDATrainer(tiny_config(tmp_path), teacher=tiny_teacher())
+    assert not (tmp_path / "run").exists()

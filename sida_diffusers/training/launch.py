@@ -27,14 +27,19 @@ def launcher_world_size() -> int:
         return 1
 
 
-def requested_processes() -> int:
-    """The process count `accelerate launch` was asked for when it is this process's parent (1 otherwise): its simple
-    launcher, which `--cpu`, and a CPU machine without `--multi_gpu`, use, starts the script once whatever that count."""
-    try:
-        args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return 1
-    if "launch" not in args or not any(Path(a).name == "accelerate" for a in args[:2]):
+def requested_processes(parent_args: Optional[list] = None) -> int:
+    """The process count `accelerate launch` was asked for when it is this process's parent (1 otherwise; `parent_args`:
+    its command line, read from /proc by default): its simple launcher, which `--cpu`, and a CPU machine without
+    `--multi_gpu`, use, starts the script once whatever that count."""
+    args = parent_args
+    if args is None:
+        try:
+            args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return 1
+    accelerate = ("launch" in args and any(Path(a).name == "accelerate" for a in args[:2])
+                  or "accelerate.commands.launch" in args[:3])  # `accelerate launch` or `python -m` its module
+    if not accelerate:
         return 1
     count = 1
     for i, arg in enumerate(args):

@@ -35,8 +35,9 @@ MEMORY_SIZES_GB = (24, 48, 80, 141)
 
 
 class LiveTensorBytes(TorchDispatchMode):
-    """Counts the bytes of the tensors created under it that are still alive (`current`) and their maximum (`peak`).
-    Storages that exist when it starts (`ignore`: weights, buffers) are never counted, views of them included."""
+    """Counts the bytes of the tensors created under it that are still alive (`current`) and their maximum (`peak`),
+    on meta tensors too. Storages that exist when it starts (`ignore`: weights, buffers) are never counted, views of
+    them included."""
 
     def __init__(self, ignore=()):
         super().__init__()

@@ -56,8 +56,8 @@ def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoise
 def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[Denoiser], device: torch.device):
     """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, opt_fake, opt_gen)``, the
     first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA a frozen
-    copy of the generator laid out like it (ALGORITHM.md §13.1, §13.2); the teacher is placed alongside."""
-    fake, gen = student_networks(cfg, teacher, init)
+    copy of the generator laid out like it (ALGORITHM.md §13.1, §13.2). The teacher is moved to `device` first."""
+    fake, gen = student_networks(cfg, teacher.to(device), init)
     ema = copy.deepcopy(gen).eval().requires_grad_(False).to(device)
     fake, gen = fake.to(device), gen.to(device)
     if cfg.channels_last:

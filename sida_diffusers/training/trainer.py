@@ -92,7 +92,6 @@ class SiDATrainer:
         validation.check_networks(cfg, self.teacher, init)
         validation.check_data(self.dataset, self.teacher)
         memory_plan.check_fits(cfg, self.teacher, self.device, self.world_size)  # before anything is on the device
-        self.teacher.to(self.device)
 
         self.layout = sharding.NetworkLayout(acc, cfg.fsdp)
         self.fake_score, self.generator, self.generator_ema, self.opt_fake, self.opt_gen = models.setup_networks(
@@ -264,8 +263,9 @@ class SiDATrainer:
                     loss_adv = sida_adversarial_loss(logits, x_g, denoised_teacher, logvar, keep=keep).sum()
                     self.last_losses["g_gan_loss"] = (cfg.adversarial_loss_scale * loss_adv
                                                       / self.batch_per_process).detach()
-                if not stage.step_generator:
-                    continue  # warm-up: the losses are logged but G is held, so its gradients would be thrown away
+                if not stage.step_generator:  # warm-up: the losses are logged but G is held, so no backward; this
+                    x_g = x_t = denoised_teacher = out = denoised_fake = logits = logvar = loss_sid = loss_adv = None
+                    continue  # round's graph is released before the next round builds its own (§13.4)
                 if stage.adversarial:
                     objective = 0.5 * cfg.sid_loss_scale * loss_sid + 0.5 * cfg.adversarial_loss_scale * loss_adv
                 else:
@@ -316,8 +316,8 @@ class SiDATrainer:
         acc.init_trackers("sida", config={k: v for k, v in dataclasses.asdict(cfg).items()
                                           if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
-                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
-                  f"{cfg.max_train_kimg:g} kimg")
+                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}"
+                  f"{', networks sharded (FSDP)' if self.layout.sharded else ''}, to {cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
         final_nimg = math.ceil(max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
         bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,

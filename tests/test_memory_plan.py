@@ -9,12 +9,10 @@ import time
 import pytest
 import torch
 
-from conftest import REPO_ROOT, tiny_config, tiny_edm2, tiny_teacher
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.training import SiDATrainer, make_config
 from sida_diffusers.training.config import load_presets
 from sida_diffusers.training.memory_plan import (
-    GB,
     LiveTensorBytes,
     _generator_phase_bytes,
     load_architectures,
@@ -22,6 +20,8 @@ from sida_diffusers.training.memory_plan import (
     teacher_factory,
 )
 from sida_diffusers.training.models import student_networks
+
+from conftest import REPO_ROOT, tiny_config, tiny_edm2, tiny_teacher
 
 
 def test_every_preset_teacher_architecture_builds_on_meta_with_its_official_parameter_count():

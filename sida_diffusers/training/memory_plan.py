@@ -204,6 +204,26 @@ def _generator_phase_bytes(cfg: TrainConfig, teacher, fake, gen, batch: int, dev
     return alive
 
 
+def _largest_block_bytes(net, batch: int, device: str) -> int:
+    """The most bytes one block keeps for its backward (what checkpointing recomputes at once), at `batch` images."""
+    backbone, deltas = net.backbone, []
+    blocks = [m for m in net.modules() if type(m).__name__ in set(net._no_split_modules or ())]
+    weights = [*net.parameters(), *net.buffers()]
+    with LiveTensorBytes(ignore=weights) as tracker:
+        hooks = [b.register_forward_pre_hook(lambda *a: deltas.append(-tracker.current)) for b in blocks]
+        hooks += [b.register_forward_hook(lambda *a: deltas.append(deltas.pop() + tracker.current)) for b in blocks]
+        backbone.gradient_checkpointing = False
+        try:
+            labels = torch.zeros(batch, net.label_dim, device=device) if net.label_dim else None
+            net(torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device), 1.0,
+                labels)
+        finally:
+            backbone.gradient_checkpointing = True
+            for hook in hooks:
+                hook.remove()
+    return max(deltas, default=0)
+
+
 def make_plan(cfg: TrainConfig, factory, fused_adam: Optional[bool] = None) -> MemoryPlan:
     """The plan of `cfg` with the teacher `factory()` builds; nothing is allocated. fp32 and fp16 runs are measured on
     meta tensors (fp16: the networks' CUDA float16 path), bf16 runs as fake CPU tensors under CPU autocast (the same
@@ -225,6 +245,8 @@ def make_plan(cfg: TrainConfig, factory, fused_adam: Optional[bool] = None) -> M
                 net.to_empty(device="cpu")
         device = "cpu" if fake_mode is not None else "meta"
         one, two = (_generator_phase_bytes(cfg, teacher, fake, gen, b, device) for b in (1, 2))
+        if cfg.gradient_checkpointing:  # backward recomputes one block at a time, on top of what is kept
+            one, two = (a + _largest_block_bytes(gen, b, device) for a, b in ((one, 1), (two, 2)))
     fused = fused_adam if fused_adam is not None else (cfg.adam_fused if cfg.adam_fused is not None else True)
     return MemoryPlan(_sizes(teacher, fake, gen), act_fixed=2 * one - two, act_per_image=two - one,
                       precision=cfg.mixed_precision, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -249,7 +271,8 @@ def format_plan(cfg: TrainConfig, plan: MemoryPlan, processes: Sequence[int], me
              f"teacher parameters, precision {cfg.mixed_precision}, gradient checkpointing "
              f"{'on' if cfg.gradient_checkpointing else 'off'}, per-process batch B={b}",
              f"activations of the generator phase: {plan.act_per_image / GB:.3f} GB per image + "
-             f"{plan.act_fixed / GB:.3f} GB (measured at B=1 and 2 on fake tensors, extrapolated)",
+             f"{plan.act_fixed / GB:.3f} GB (measured at B=1 and 2 on meta tensors, extrapolated"
+             f"{'; with the largest block recomputed in backward' if cfg.gradient_checkpointing else ''})",
              "", f"{'GB per process':<28}" + "".join(f"{h:>11}" for h in head)]
     rows = [plan.components(fsdp, n, b, rounds_for(cfg, n)) for fsdp, n in layouts]
     for key in rows[0]:

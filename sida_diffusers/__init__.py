@@ -17,6 +17,7 @@ _LAZY = {
     "EDMHeunPipeline": "sida_diffusers.pipelines",
     "edm_sampler": "sida_diffusers.pipelines",
     "seed_generators": "sida_diffusers.pipelines",
+    "RunRecord": "sida_diffusers.run_record",
     "export_pipeline": "sida_diffusers.hub",
     "push_to_hub": "sida_diffusers.hub",
     "load_digits_teacher": "sida_diffusers.digits",

@@ -1,44 +1,40 @@
-"""The Hub model card of a distilled generator, written from the run's `run_info` (docs/ARCHITECTURE.md §3).
+"""The Hub model card of a distilled generator, written from the run's `RunRecord` (docs/ARCHITECTURE.md §3).
 
-Metadata as the Hub reads it: `library_name`, `pipeline_tag`, `tags`, `license` (inherited from the teacher),
-`base_model` and `datasets` where they are Hub ids, and a `model-index` of the recorded metrics. The body: the sample
-grid, how to install and load the pipeline (with sida_diffusers, and with plain Diffusers through the standalone
-module shipped in the folder), the student's metrics beside the teacher's, the training settings that matter, the
-citation and the licence. Metric names are read with `evaluation.parse_result_key`, as the metric suite writes them.
+Metadata as the Hub reads it: `library_name`, `pipeline_tag` (unconditional models; class-conditional ones are
+tagged so), `tags`, `license` (the teacher's declared licence; `other` with `license_name`/`license_link` when it is
+unknown), `base_model` and `datasets` where they are Hub ids, and a `model-index` of the recorded metrics. The body:
+the sample grid, how to install and load the pipeline (with sida_diffusers, and with plain Diffusers through the
+standalone module shipped in the folder), the student's metrics beside the teacher's, the training table (the
+`RunRecord` fields with a `card` label), the citation and the licence.
+
+Every string of the record is someone's input (a teacher path, a dataset name, metric names): the card escapes each
+one for Markdown and HTML before it reaches the body or the front matter, and shows local paths by their last part
+only. Metric names are read with `evaluation.parse_result_key`, as the metric suite writes them.
 """
 
 from __future__ import annotations
 
-import math
+import html
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from sida_diffusers.evaluation import parse_result_key
 from sida_diffusers.pipelines.publishing import GRID_NAME, REPO_PLACEHOLDER
+from sida_diffusers.run_record import RunRecord, as_record, finite_metrics
 
 
 METHOD_NAMES = {"sid": "SiD", "sida": "SiDA", "sid2a": "SiD²A"}
-# Hub dataset ids of the benchmark datasets, matched against the run's dataset name or path.
+# Hub dataset ids of the benchmark datasets, matched against the last part of the run's dataset name or path.
 HUB_DATASETS = {"cifar10": "uoft-cs/cifar10", "cifar-10": "uoft-cs/cifar10", "imagenet": "ILSVRC/imagenet-1k",
                 "img512": "ILSVRC/imagenet-1k", "img64": "ILSVRC/imagenet-1k"}
 # Display names of the metrics the evaluation code reports; fd_digits is a proxy by construction.
 METRIC_NAMES = {"fid": "FID", "fd_dinov2": "FD_DINOv2", "is": "Inception Score", "kid": "KID",
                 "precision": "Precision", "recall": "Recall", "fd_digits": "FD-digits"}
-# run_info key -> row of the training table; absent keys are left out (older runs do not record them all).
-TRAINING_SETTINGS = (
-    ("alpha", "alpha"), ("lr", "learning rate, fake score / discriminator"), ("glr", "learning rate, generator"),
-    ("ema_halflife_kimg", "EMA half-life (kimg)"), ("warmup_kimg", "generator warm-up (kimg)"),
-    ("adversarial_start_kimg", "adversarial loss from (kimg)"), ("dropout", "dropout"),
-    ("lr_scheduler", "learning-rate schedule"), ("ls", "fake-score loss scale (ls)"),
-    ("lsd", "discriminator loss scale (lsd)"), ("lsg", "SiD generator loss scale (lsg)"),
-    ("lsg_gan", "adversarial generator loss scale (lsg_gan)"),
-    ("train_batch_size", "batch per GPU"), ("num_processes", "processes"), ("total_batch_size", "total batch"),
-    ("init_sigma", "init_sigma"), ("tmax", "tmax"),
-)
+UNKNOWN_LICENSE_NAME = "unknown-teacher-license"
 CITATION = """@inproceedings{zhou2025sida,
   title     = {Adversarial Score Identity Distillation: Rapidly Surpassing the Teacher in One Step},
   author    = {Zhou, Mingyuan and Zheng, Huangjie and Gu, Yi and Wang, Zhendong and Huang, Hai},
@@ -47,42 +43,81 @@ CITATION = """@inproceedings{zhou2025sida,
   url       = {https://arxiv.org/abs/2410.14919}
 }"""
 
-
-# ---- licence, base model, dataset ---------------------------------------------------------------------------------
-def teacher_license(teacher: Optional[str]) -> tuple:
-    """(Hub licence id, note) inherited from the teacher's weights.
-
-    NVIDIA's EDM/EDM2 weights, and the SiD/SiDA generators distilled from them, are CC BY-NC-SA 4.0; our shipped
-    digits teacher is Apache-2.0; anything else is "other" with a note asking the publisher to check.
-    """
-    from sida_diffusers.pretrained import KNOWN_NETWORKS
-
-    name = str(teacher or "").lower()
-    stem = Path(name.split("?")[0]).name
-    if "digits" in name:
-        return "apache-2.0", "The teacher is the tiny digits EDM model shipped with sida_diffusers (Apache-2.0)."
-    if ("nvlabs" in name or "ut-austin-pml" in name or stem.startswith(("edm-", "edm2-"))
-            or name in KNOWN_NETWORKS):
-        return "cc-by-nc-sa-4.0", ("The teacher weights are NVIDIA's EDM/EDM2 models, licensed CC BY-NC-SA 4.0 "
-                                   "(non-commercial, share-alike); this derived generator inherits that licence.")
-    return "other", (f"The licence of the teacher `{teacher}` is unknown to the exporter: check it and set the licence "
-                     "of this repository to match before using or sharing the weights.")
+_MARKDOWN_SPECIALS = re.compile(r"([\\`*_\[\]#!|~$])")  # emphasis, code, links, images, tables, math
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.-]{0,63}")
+_SAFE_LINK = re.compile(r"https://[\w.-]+(/[\w./%~+-]*)?")
 
 
-def _hub_id(value: Optional[str]) -> Optional[str]:
-    """`value` if it reads as an 'owner/name' Hub id (not a URL, not an existing local path), else None."""
-    if not value or "://" in value or os.path.exists(value) or value.startswith((".", "/", "~")):
+# ---- escaping -----------------------------------------------------------------------------------------------------
+def escape(value, markdown: bool = True) -> str:
+    """`value` as text that renders as itself in HTML and (with `markdown`, for the body) Markdown: one line, HTML
+    special characters as entities, Markdown punctuation backslash-escaped, and ':' as an entity so that no autolink
+    is made. Front-matter strings take `markdown=False` (YAML shows backslashes as they are)."""
+    text = " ".join(str(value).split())
+    text = html.escape(text, quote=True).replace(":", "&#58;")
+    return _MARKDOWN_SPECIALS.sub(r"\\\1", text) if markdown else text
+
+
+def _slug(value) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(value))[:64] or "unknown"
+
+
+def public_name(value: Optional[str]) -> Optional[str]:
+    """A Hub id or URL as it is; a local path by its last part (a card never shows someone's file system)."""
+    if not value:
         return None
-    return value if re.fullmatch(r"[\w.-]+/[\w.-]+", value) else None
+    value = str(value)
+    if "://" in value or hub_id(value):
+        return value
+    return Path(value.rstrip("/\\")).name or value
 
 
-def _hub_dataset(dataset: Optional[str]) -> Optional[str]:
+def hub_id(value: Optional[str]) -> Optional[str]:
+    """`value` if it reads as an 'owner/name' Hub id (not a URL, not an existing local path), else None."""
+    if not value or "://" in value or value.startswith((".", "/", "~")) or os.path.exists(value):
+        return None
+    return value if _HUB_ID.fullmatch(value) else None
+
+
+def hub_dataset(dataset: Optional[str]) -> Optional[str]:
     if not dataset:
         return None
-    if _hub_id(dataset):
+    if hub_id(dataset):
         return dataset
     stem = Path(str(dataset)).name.lower()
     return next((hub for key, hub in HUB_DATASETS.items() if key in stem), None)
+
+
+# ---- licence ------------------------------------------------------------------------------------------------------
+def card_license(record: RunRecord) -> tuple:
+    """``(license, license_name, license_link, note)`` from the teacher's declared licence only.
+
+    The record carries what the teacher declared when the run started (`RunRecord.teacher_license`); an older record
+    without it is looked up in our table of known teachers (`pretrained.declared_license`, no network). Unknown means
+    ``other`` with a licence name that says so, and a note asking the publisher to check.
+    """
+    declared = None
+    if record.teacher_license:
+        declared = (record.teacher_license, record.teacher_license_name, record.teacher_license_link)
+    else:
+        from sida_diffusers.pretrained import declared_license
+
+        declared = declared_license(record.teacher or record.source, online=False)
+    teacher = escape(public_name(record.teacher or record.source) or "unknown")
+    if declared is None or not _LICENSE_ID.fullmatch(declared[0]):
+        return ("other", UNKNOWN_LICENSE_NAME, None,
+                f"The licence of the teacher {teacher} is unknown to sida_diffusers: check the teacher's licence and "
+                "set the licence of this repository to match before using or sharing the weights.")
+    license, name, link = declared
+    name = re.sub(r"[^a-z0-9.-]+", "-", name.lower()).strip("-")[:64] if name else None
+    link = link if link and _SAFE_LINK.fullmatch(link) else None
+    if license == "other":
+        name = name or UNKNOWN_LICENSE_NAME
+        return license, name, link, (f"The teacher {teacher} declares its own licence ({escape(name)}); this derived "
+                                     "generator inherits it.")
+    return license, None, None, (f"The teacher {teacher} is licensed `{license}`; this derived generator inherits "
+                                 "that licence.")
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------------
@@ -109,28 +144,26 @@ def describe_metric(key: str, num_samples: Optional[int] = None) -> tuple:
     return metric, display + (f" ({'; '.join(notes)})" if notes else "")
 
 
-def _finite(values: Optional[dict]) -> dict:
-    return {k: float(v) for k, v in (values or {}).items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def _metrics_section(run_info: dict) -> list:
+def _metrics_section(record: RunRecord) -> list:
     """The student's metrics, with the teacher's beside them when the run measured it."""
-    num_samples = (run_info.get("sampling") or {}).get("num_samples")
-    student, teacher = _finite(run_info.get("metrics")), _finite(run_info.get("teacher_metrics"))
+    student, teacher = finite_metrics(record.metrics), finite_metrics(record.teacher_metrics)
     keys = list(dict.fromkeys([*student, *teacher]))
     if not keys:
         return ["No metrics were recorded for this checkpoint."]
+
+    def name(key):
+        return escape(describe_metric(key, record.num_samples)[1])
+
     if not teacher:
-        return (["| metric | value |", "|---|---|"]
-                + [f"| {describe_metric(k, num_samples)[1]} | {student[k]:.4g} |" for k in keys])
-    nfe = run_info.get("teacher_nfe")
+        return ["| metric | value |", "|---|---|"] + [f"| {name(k)} | {student[k]:.4g} |" for k in keys]
+    nfe = record.teacher_nfe
     teacher_label = f"teacher ({nfe} NFE)" if nfe else "teacher (multi-step sampler)"
+
     def cell(values, key):
         return f"{values[key]:.4g}" if key in values else "—"
 
     return ([f"| metric | this model (1 NFE) | {teacher_label} |", "|---|---|---|"]
-            + [f"| {describe_metric(k, num_samples)[1]} | {cell(student, k)} | {cell(teacher, k)} |" for k in keys]
+            + [f"| {name(k)} | {cell(student, k)} | {cell(teacher, k)} |" for k in keys]
             + ["", "The teacher column is the teacher itself, sampled with its multi-step (Heun) sampler and scored "
                    "with the same metric."])
 
@@ -155,73 +188,85 @@ def remote_code_snippet(repo_id: str, conditional: bool = False) -> str:
 
 
 # ---- the card -----------------------------------------------------------------------------------------------------
-def make_model_card(run_info: dict, repo_id: Optional[str] = None, grid_image: Optional[str] = GRID_NAME,
-                    license: Optional[str] = None) -> ModelCard:
-    """Model card (YAML metadata + body) for a distilled generator, written from `run_info`.
+def make_model_card(record: Union[RunRecord, dict], repo_id: Optional[str] = None,
+                    grid_image: Optional[str] = GRID_NAME, license: Optional[str] = None) -> ModelCard:
+    """Model card (YAML metadata + body) for a distilled generator, written from its run record.
 
     `repo_id` goes into the usage snippets (a placeholder that `SiDAPipeline.push_to_hub` replaces when None);
-    `license` overrides the licence inherited from the teacher.
+    `license` (a Hub licence id) overrides the licence inherited from the teacher.
     """
-    method = str(run_info.get("method", "sida")).lower()
-    method_name = METHOD_NAMES.get(method, method)
-    teacher, dataset = run_info.get("teacher"), run_info.get("dataset")
-    source = run_info.get("source")  # an official generator converted by sida-export
-    inherited, license_note = teacher_license(teacher or source)
-    license = license or inherited
-    hub_dataset = _hub_dataset(dataset)
-    num_samples = (run_info.get("sampling") or {}).get("num_samples")
+    record = as_record(record)
+    if repo_id is not None and not _HUB_ID.fullmatch(repo_id):
+        raise ValueError(f"{repo_id!r} is not a Hub repo id; pass 'owner/name'.")
+    method_name = METHOD_NAMES.get(record.method.lower()) or escape(record.method)
+    card_license_id, license_name, license_link, license_note = card_license(record)
+    if license:
+        if not _LICENSE_ID.fullmatch(license):
+            raise ValueError(f"{license!r} is not a Hub licence id (e.g. apache-2.0, cc-by-nc-sa-4.0, other).")
+        card_license_id, license_note = license, "Set by the publisher."
+        license_name = (license_name or UNKNOWN_LICENSE_NAME) if license == "other" else None
+    dataset = hub_dataset(record.dataset)
+    dataset_shown = escape(public_name(record.dataset) or "unknown", markdown=False)
     model_name = (repo_id or "").split("/")[-1] or f"{method_name} one-step generator"
+    task = "class-conditional-image-generation" if record.conditional else "unconditional-image-generation"
     eval_results = [
-        EvalResult(task_type="unconditional-image-generation", dataset_type=hub_dataset or str(dataset or "unknown"),
-                   dataset_name=str(dataset or "unknown"), metric_type=metric, metric_name=display,
-                   metric_value=value)
-        for key, value in _finite(run_info.get("metrics")).items()
-        for metric, display in [describe_metric(key, num_samples)]
+        EvalResult(task_type=task, dataset_type=dataset or "custom", dataset_name=dataset_shown,
+                   metric_type=_slug(metric), metric_name=escape(display, markdown=False), metric_value=value)
+        for key, value in finite_metrics(record.metrics).items()
+        for metric, display in [describe_metric(key, record.num_samples)]
     ] or None
     data = ModelCardData(
-        library_name="diffusers", pipeline_tag="unconditional-image-generation", license=license,
-        tags=list(dict.fromkeys(["sida", "one-step", "distillation", "edm2" if run_info.get("latent") else "edm",
-                                 method])),
-        base_model=_hub_id(teacher), datasets=[hub_dataset] if hub_dataset else None,
-        model_name=model_name if eval_results else None, eval_results=eval_results)
+        library_name="diffusers", pipeline_tag=None if record.conditional else "unconditional-image-generation",
+        license=card_license_id, license_name=license_name if card_license_id == "other" else None,
+        license_link=license_link if card_license_id == "other" else None,
+        tags=list(dict.fromkeys(["sida", "one-step", "distillation", "edm2" if record.latent else "edm",
+                                 "class-conditional" if record.conditional else "unconditional",
+                                 _slug(record.method.lower())])),
+        base_model=hub_id(record.teacher), datasets=[dataset] if dataset else None,
+        model_name=escape(model_name, markdown=False) if eval_results else None, eval_results=eval_results)
 
     repo = repo_id or REPO_PLACEHOLDER
-    conditional = bool(run_info.get("label_dim"))
-    origin = f"the diffusion model `{teacher}`" if teacher else "an EDM/EDM2 diffusion model"
-    lines = [f"# {model_name}", "",
-             f"A one-step image generator distilled from {origin} with **{method_name}** "
+    teacher = public_name(record.teacher)
+    origin = f"the diffusion model {escape(teacher)}" if teacher else "an EDM/EDM2 diffusion model"
+    kind = "class-conditional " if record.conditional else ""
+    lines = [f"# {escape(model_name)}", "",
+             f"A one-step {kind}image generator distilled from {origin} with **{method_name}** "
              "(Score identity Distillation; Zhou et al., *Adversarial Score Identity Distillation: Rapidly Surpassing "
              "the Teacher in One Step*, ICLR 2025), trained with `sida_diffusers`. It needs one network evaluation "
              "per image.", ""]
     if grid_image:
         lines += [f"![samples from the one-step generator]({grid_image})", "",
-                  "*One network evaluation per image, one seed per image (enlarged with nearest-neighbour "
-                  "upsampling, so every pixel is the model's).*", ""]
+                  "*One network evaluation per image, one seed per image, each image's class label drawn from its "
+                  "seed (enlarged with nearest-neighbour upsampling, so every pixel is the model's).*", ""]
     lines += ["## Usage", "", "```bash", "pip install sida_diffusers", "```", "",
-              "```python", usage_snippet(repo, conditional), "```", "",
+              "```python", usage_snippet(repo, record.conditional), "```", "",
               "Without `sida_diffusers`, plain Diffusers loads the same pipeline from the standalone module shipped "
               "in this repository (`sida_standalone.py`, generated from the package when it was saved) and gives "
               "the same images for the same generators:", "",
-              "```python", remote_code_snippet(repo, conditional), "```", "",
+              "```python", remote_code_snippet(repo, record.conditional), "```", "",
               "A list of generators, one per image, makes image *i* depend on seed *i* only (EDM's `--seeds`). "
               "`output_type=\"np\"` gives float32 arrays in [0, 1] (Diffusers' convention), exactly EDM's uint8 "
               "image / 255: `np.round(images * 255)` gives back its bytes.", "",
-              "## Results", "", *_metrics_section(run_info), "",
-              "## Training", "", *_training_table(run_info, method_name, source)]
-    if method in ("sida", "sid2a"):
+              "## Results", "", *_metrics_section(record), "",
+              "## Training", "", *_training_table(record, method_name)]
+    if record.method in ("sida", "sid2a"):
+        batch = f" ({record.train_batch_size})" if record.train_batch_size else ""
         lines += ["", f"The adversarial loss of {method_name} is normalised over each GPU's own batch, so the "
-                  f"objective depends on the batch per GPU ({run_info.get('train_batch_size')}); changing the number "
-                  "of GPUs at a fixed batch per GPU does not change it. Keep it when reproducing this run."]
+                  f"objective depends on the batch per GPU{batch}; changing the number of GPUs at a fixed batch per "
+                  "GPU does not change it. Keep it when reproducing this run."]
+    shown_license = f"{card_license_id} ({license_name})" if license_name else card_license_id
     lines += ["", "## Citation", "", "```bibtex", CITATION, "```", "",
-              "## License", "", f"`{license}`. {license_note}", ""]
+              "## License", "", f"`{shown_license}`. {license_note}", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def _training_table(run_info: dict, method_name: str, source: Optional[str]) -> list:
-    teacher = run_info.get("teacher")
-    rows = [("method", method_name), ("teacher", teacher and f"`{teacher}`"),
-            ("converted from", source and f"`{source}`"), ("dataset", run_info.get("dataset")),
-            ("training images", f"{run_info['kimg']} kimg" if "kimg" in run_info else None)]
-    rows += [(label, run_info.get(key)) for key, label in TRAINING_SETTINGS]
-    rows += [("resolution", run_info.get("resolution")), ("classes", run_info.get("label_dim"))]
-    return ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows if v is not None]
+def _training_table(record: RunRecord, method_name: str) -> list:
+    """One row per `RunRecord` field with a `card` label and a value."""
+    shown = {"method": method_name, "teacher": public_name(record.teacher), "source": public_name(record.source),
+             "generator_init": public_name(record.generator_init), "dataset": public_name(record.dataset)}
+    rows = []
+    for name, label in RunRecord.card_fields():
+        value = shown[name] if name in shown else getattr(record, name)
+        if value is not None:
+            rows.append(f"| {label} | {value if name == 'method' else escape(value)} |")
+    return ["| setting | value |", "|---|---|", *rows]

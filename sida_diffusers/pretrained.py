@@ -21,15 +21,21 @@ import torch
 from huggingface_hub import hf_hub_download, snapshot_download
 
 from sida_diffusers.networks import Denoiser, denoiser_classes, denoiser_from_official
-from sida_diffusers.safe_io.files import read_json
-from sida_diffusers.safe_io.model_files import build_within, check_model_folder, check_shapes
+from sida_diffusers.safe_io.model_files import (
+    MODEL_FOLDER_FILES,
+    build_within,
+    check_model_folder,
+    check_shapes,
+    read_model_config,
+)
+from sida_diffusers.safe_io.paths import folder_root
 from sida_diffusers.safe_io.pickles import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
 from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
 
 __all__ = [
     "KNOWN_NETWORKS", "OfficialPickle", "UnsafeCheckpointError",
-    "read_official_pickle", "load_denoiser", "convert_official", "cached_download",
+    "read_official_pickle", "load_denoiser", "convert_official", "cached_download", "declared_license",
 ]
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -225,19 +231,19 @@ def cached_download(url: str, cache_dir=None) -> Path:
     return dst
 
 
-def _load_diffusers_folder(folder: Path, dtype) -> Denoiser:
+def _load_diffusers_folder(folder: Path, dtype, root: Optional[Path] = None) -> Denoiser:
+    root = folder_root(folder) if root is None else root  # links may only point inside it
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"  # a SiDAPipeline folder: its denoiser lives in unet/
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is a folder without config.json; pass a Diffusers model folder "
                                 "(config.json + diffusion_pytorch_model.safetensors) or an official .pkl file.")
-    config = read_json(folder / "config.json")
-    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    class_name = read_model_config(folder, root=root).get("_class_name")  # bounded; links out refused
     classes = denoiser_classes()
     if not isinstance(class_name, str) or class_name not in classes:
-        raise ValueError(f"{folder}/config.json names class {class_name!r}, which is not a sida_diffusers denoiser; "
-                         f"known classes: {sorted(classes)}. Point at the folder of a saved denoiser.")
-    check_model_folder(classes[class_name], folder)  # on meta: the config must describe the weights it sits with
+        raise ValueError(f"{folder}/config.json names class {str(class_name)[:80]!r}, which is not a sida_diffusers "
+                         f"denoiser; known classes: {sorted(classes)}. Point at the folder of a saved denoiser.")
+    check_model_folder(classes[class_name], folder, root=root)  # on meta: the config must describe its weights
     kwargs = {"dtype": dtype} if dtype is not None else {}
     return classes[class_name].from_pretrained(folder, use_safetensors=True, **kwargs)
 
@@ -302,14 +308,16 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
             if inner.endswith(".pkl"):
                 local = Path(hf_hub_download(repo_id, filename=inner, cache_dir=cache_dir))
             else:
-                patterns = [f"{inner}/*"] if inner else None
-                local = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir)) / inner
+                prefixes = [f"{inner}/"] if inner else ["", "unet/"]  # a model folder, or a pipeline's denoiser
+                patterns = [p + name for p in prefixes for name in MODEL_FOLDER_FILES]  # nothing else is fetched
+                snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
+                local = snapshot / inner
         except Exception as e:  # network, auth, missing repo/file: all end the same way for the caller
             shown = repr(src) if name == src else f"{name!r} ({src})"
             raise OSError(f"could not fetch {shown} from the Hugging Face Hub ({type(e).__name__}: {e}), and it is "
                           "no local file or folder either. Check the path, or the repo id, network and token.") from e
         if not local.is_file():
-            return _move(_load_diffusers_folder(local, dtype), device, None).eval()
+            return _move(_load_diffusers_folder(local, dtype, folder_root(snapshot)), device, None).eval()
         model = _load_official(local, key, src)
     else:
         raise FileNotFoundError(
@@ -331,3 +339,57 @@ def convert_official(src, dst: Union[str, os.PathLike], dtype: torch.dtype = tor
     if not (dst / "diffusion_pytorch_model.safetensors").is_file():
         raise OSError(f"saving the converted model to {dst} wrote no diffusion_pytorch_model.safetensors.")
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The licence a teacher declares (the model card inherits it)
+
+NVIDIA_LICENSE = ("cc-by-nc-sa-4.0", None, None)  # EDM/EDM2 weights, and the SiD/SiDA generators distilled from them
+SHIPPED_LICENSE = ("apache-2.0", None, None)      # the digits teachers shipped with this package
+_OFFICIAL_URL_PREFIXES = (_EDM, _EDM2)
+MAX_TEACHER_CARD_BYTES = 1 << 20
+
+
+def declared_license(src, online: bool = True) -> Optional[tuple]:
+    """``(licence id, licence name, licence link)`` that the teacher `src` declares, or None when nothing does.
+
+    Declared means: our table of known networks (a shipped teacher's name; a `KNOWN_NETWORKS` name or one of its
+    files, or a file of NVIDIA's EDM/EDM2 download folders), or the `license` / `license_name` / `license_link`
+    of the teacher's own model card (README.md of its Diffusers folder, or of the pipeline folder that holds it; of a
+    Hub repo when `online`). A name that merely contains "digits" or "edm" declares nothing.
+    """
+    name = os.fspath(src) if isinstance(src, (str, os.PathLike)) else None
+    if not name:
+        return None
+    if name in SHIPPED_TEACHERS:
+        return SHIPPED_LICENSE
+    if name in KNOWN_NETWORKS or name in KNOWN_NETWORKS.values() or name.startswith(_OFFICIAL_URL_PREFIXES):
+        return NVIDIA_LICENSE
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for folder in (path, path.parent):
+            card = folder / "README.md"
+            if card.is_file() and card.stat().st_size <= MAX_TEACHER_CARD_BYTES:
+                return _card_license(card.read_text(encoding="utf-8", errors="replace"))
+        return None
+    hub = _split_hub_source(name) if online and not path.exists() else None
+    if hub is None:
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        card = ModelCard.load(hub[0], ignore_metadata_errors=True)
+    except Exception:  # offline, no card, no access: the licence is then unknown, which the card says
+        return None
+    return _card_license(str(card))
+
+
+def _card_license(text: str) -> Optional[tuple]:
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text, ignore_metadata_errors=True).data
+    license = getattr(data, "license", None)
+    if not isinstance(license, str) or not license:
+        return None
+    extra = [getattr(data, key, None) for key in ("license_name", "license_link")]
+    return (license, *(value if isinstance(value, str) else None for value in extra))

@@ -1,5 +1,8 @@
+import functools
+import gzip
+import hashlib
 import json
-import os
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -8,20 +11,20 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from safetensors.torch import load_file
 
 from sida_diffusers.data.datasets import build_dataset
+from sida_diffusers.networks import denoiser_from_official
+from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond
 from sida_diffusers.networks.precond_edm2 import EDM2Precond
 from sida_diffusers.training import make_config
 
+import official_pickles
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DIR = Path(os.environ.get("SIDA_SHARED_DIR", REPO_ROOT.parent / "shared"))
-FIXTURES_DIR = SHARED_DIR / "fixtures"
-
-FIXTURES_MISSING = (f"parity fixtures not found at {FIXTURES_DIR} (they live in ../shared/fixtures beside the repo; "
-                    "set SIDA_SHARED_DIR to point elsewhere)")
-requires_fixtures = pytest.mark.skipif(not (FIXTURES_DIR / "README.md").exists(), reason=FIXTURES_MISSING)
+FIXTURES_DIR = Path(__file__).resolve().parent / "fixtures"  # the parity fixtures: tests/fixtures/README.md
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -40,16 +43,21 @@ def _deterministic():
     yield
 
 
-@pytest.fixture
-def fixtures_dir():
-    if not (FIXTURES_DIR / "README.md").exists():
-        pytest.skip(FIXTURES_MISSING)
-    return FIXTURES_DIR
+@pytest.fixture(autouse=True)
+def _feature_metric_registry(monkeypatch):
+    """Each test sees the metric registry as importing the package leaves it: what a test (or a training run inside
+    it) registers is gone afterwards, so no test passes because an earlier one registered its metric."""
+    from sida_diffusers.evaluation import suite
+
+    monkeypatch.setattr(suite, "_FEATURE_METRICS", dict(suite._FEATURE_METRICS))
+
+
+BOUNDED_BYTES, BOUNDED_SECONDS = 1 << 30, 5
 
 
 @pytest.fixture
 def bounded():
-    """Run a hostile-input case within the issue's bounds: 4 GiB of address space above the current use, 20 seconds.
+    """Run a hostile-input case within the issue's bounds: 1 GiB of address space above the current use, 5 seconds.
 
     A bomb that gets through fails the test (MemoryError, TimeoutError) instead of swapping or hanging the machine.
     """
@@ -57,19 +65,108 @@ def bounded():
     import signal
 
     def on_alarm(signum, frame):
-        raise TimeoutError("the case ran longer than 20 s")
+        raise TimeoutError(f"the case ran longer than {BOUNDED_SECONDS} s")
 
     vm_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmSize:"))
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (vm_kb * 1024 + (4 << 30), hard))
+    resource.setrlimit(resource.RLIMIT_AS, (vm_kb * 1024 + BOUNDED_BYTES, hard))
     previous = signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(20)
+    signal.alarm(BOUNDED_SECONDS)
     try:
         yield
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+# ---- the parity fixtures: tiny official networks, their inputs and outputs (tests/fixtures/README.md) -------------
+
+def fixture_info(name: str) -> dict:
+    """`official_class`, `init_kwargs` and how the weights are regenerated, for fixture NAME."""
+    return json.loads((FIXTURES_DIR / f"{name}.json").read_text())
+
+
+def fixture_io(name: str) -> dict:
+    """The fixed inputs and the official outputs of fixture NAME (float32 tensors by name)."""
+    return load_file(str(FIXTURES_DIR / f"{name}_io.safetensors"))
+
+
+@functools.lru_cache(maxsize=None)
+def _gzip_json(filename: str):
+    return json.loads(gzip.decompress((FIXTURES_DIR / filename).read_bytes()))
+
+
+def full_size_shapes() -> dict:
+    """Official full-size configurations: `official_class`, `init_kwargs`, `num_params`, `buffers`, `state_dict`."""
+    return _gzip_json("full_size_shapes.json.gz")
+
+
+def fixture_state_dict(name: str) -> dict:
+    """The official float32 state dict of fixture NAME, key for key (a fresh copy)."""
+    return {key: value.clone() for key, value in _fixture_state_dict(name).items()}
+
+
+def _redraw(key: str, shape, generator):
+    # The fixtures' redraw of every parameter, in named_parameters() order (tests/fixtures/README.md).
+    if len(shape) == 0:
+        return 0.5 + 0.5 * torch.rand([], generator=generator)
+    if len(shape) == 1 and key.rsplit(".", 1)[-1] == "weight":
+        return 1 + 0.2 * torch.randn(shape, generator=generator)
+    if len(shape) == 1:
+        return 0.1 * torch.randn(shape, generator=generator)
+    return torch.randn(shape, generator=generator) / math.sqrt(math.prod(shape[1:]))
+
+
+def _state_dict_sha256(state: dict) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode() + b"\0" + state[key].to(torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _fixture_state_dict(name: str) -> dict:
+    info = fixture_info(name)
+    class_name = info["official_class"].rsplit(".", 1)[1]
+    with torch.device("meta"):  # only the parameter names, order and shapes are needed
+        net = (UNetBlock(**info["init_kwargs"]) if class_name == "UNetBlock"
+               else denoiser_from_official(class_name, info["init_kwargs"]))
+    generator = torch.Generator().manual_seed(info["reinit_generator_seed"])
+    state = {key: _redraw(key, p.shape, generator) for key, p in net.named_parameters()}
+    if "round_to" in info:  # EDM2 fixtures: every value was rounded to float16 after the redraw
+        state = {key: value.to(getattr(torch, info["round_to"])).float() for key, value in state.items()}
+    buffers = FIXTURES_DIR / f"{name}_buffers.safetensors"
+    if buffers.exists():
+        state.update((key, value.float()) for key, value in load_file(str(buffers)).items())
+    if _state_dict_sha256(state) != info["sha256"]:
+        raise AssertionError(f"the regenerated weights of fixture {name} are not the official ones (sha256 differs): "
+                             f"the parameter names or order of our {class_name}, or torch's random numbers, changed")
+    return state
+
+
+def official_pickle_bytes(name: str, **init_kwargs) -> bytes:
+    """Fixture NAME as an official network pickle (tests/official_pickles.py), with the fixture's weights.
+
+    `init_kwargs` changes entries of the network's recorded configuration, not its weights. The embedded module
+    source appends to $EDM_PICKLE_PAYLOAD_MARKER if it is ever executed.
+    """
+    if not init_kwargs:
+        return _unchanged_official_pickle(name)
+    recipe = _gzip_json(f"{name}_pickle_recipe.json.gz")
+    return official_pickles.network_pickle(recipe, _fixture_state_dict(name), name, init_kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _unchanged_official_pickle(name: str) -> bytes:
+    return official_pickles.network_pickle(_gzip_json(f"{name}_pickle_recipe.json.gz"), _fixture_state_dict(name), name)
+
+
+def official_pickle(folder: Path, name: str, **init_kwargs) -> Path:
+    """`official_pickle_bytes(name, **init_kwargs)` written to `folder/NAME.pkl`."""
+    path = folder / f"{name}.pkl"
+    path.write_bytes(official_pickle_bytes(name, **init_kwargs))
+    return path
 
 
 # ---- helpers shared by the test modules (import them with `from conftest import ...`) ---------------------------
@@ -158,6 +255,18 @@ def pixel_features():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8)).eval().requires_grad_(False)
 
+def grey_png(size=8):
+    """The bytes of a black size x size grey PNG."""
+    import io
+
+    import numpy as np
+    import PIL.Image
+
+    buf = io.BytesIO()
+    PIL.Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="png")
+    return buf.getvalue()
+
+
 def png_header(width, height):
     """A PNG whose header declares width x height 8-bit grey pixels, in 70 bytes."""
     def chunk(kind, data):
@@ -181,3 +290,50 @@ def refused_file(load, path, *problem):
     message = str(error.value)
     assert str(path) in message and all(word in message for word in problem), message
     return message
+
+
+def fails_in_one_line(capsys, command, argv, *problem):
+    """`command.main(argv)` exits with code 2 after one line `PROG: error: ...` naming the problem; nothing else."""
+    with pytest.raises(SystemExit) as exited:
+        command.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert exited.value.code == 2, err
+    assert err.count("\n") == 1 and (err.startswith("sida-") or err.startswith("train_sida")) and ": error: " in err, err
+    assert all(str(word) in err for word in problem), err
+    assert "wrote" not in out and "exported" not in out, out
+    return err
+
+
+def saved_pipeline(folder, **kwargs):
+    """A conditional SiDAPipeline over a tiny EDM generator, saved to `folder` (with its standalone module)."""
+    from sida_diffusers.pipelines import SiDAPipeline
+
+    SiDAPipeline(unet=tiny_edm(label_dim=3), id2label={0: "a", 1: "b", 2: "c"}, **kwargs).save_pretrained(folder)
+    return folder
+
+
+# ---- a finished run's checkpoint, which the resume cases damage (each a copy of it) -------------------------------
+
+@pytest.fixture(scope="session")
+def finished_checkpoint(tmp_path_factory):
+    """A finished tiny SiDA run to 0.016 kimg (two iterations): its one checkpoint folder."""
+    from sida_diffusers.training import SiDATrainer
+
+    out = tmp_path_factory.mktemp("finished")
+    cfg = tiny_config(out, max_train_kimg=0.016, checkpointing_kimg=0.016, sample_grid_size=0)
+    SiDATrainer(cfg, teacher=tiny_teacher(), dataset=build_dataset("digits", resolution=8)).train()
+    return out / "run" / "checkpoints" / "checkpoint-000000016"
+
+
+def copy_of(checkpoint, tmp_path):
+    import shutil
+
+    return shutil.copytree(checkpoint, tmp_path / checkpoint.name)
+
+
+def resume(tmp_path, folder, digits, **overrides):
+    """A trainer resuming from checkpoint `folder` into a new output folder under `tmp_path`."""
+    from sida_diffusers.training import SiDATrainer
+
+    cfg = tiny_config(tmp_path, resume_from_checkpoint=str(folder), **overrides)
+    return SiDATrainer(cfg, teacher=tiny_teacher(), dataset=digits)

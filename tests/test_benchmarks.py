@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, full_size_shapes
 
 
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
@@ -53,8 +53,8 @@ def test_bad_benchmark_flags_name_the_fix():
         bench_train.main(["--tiny", "--iters", "0"])
 
 
-def test_full_size_configs_are_the_official_architectures(fixtures_dir):
-    shapes = json.loads((fixtures_dir / "full_size_shapes.json").read_text())
+def test_full_size_configs_are_the_official_architectures():
+    shapes = full_size_shapes()
     for name, spec in bench_train.PRESETS.items():
         official = shapes[spec["official"]]
         assert spec["init_kwargs"] == official["init_kwargs"], name
@@ -62,8 +62,8 @@ def test_full_size_configs_are_the_official_architectures(fixtures_dir):
 
 
 @pytest.mark.parametrize("preset", ["cifar10", "edm2-xs"])
-def test_full_size_teachers_have_the_official_parameter_count(fixtures_dir, preset):
-    official = json.loads((fixtures_dir / "full_size_shapes.json").read_text())[bench_train.PRESETS[preset]["official"]]
+def test_full_size_teachers_have_the_official_parameter_count(preset):
+    official = full_size_shapes()[bench_train.PRESETS[preset]["official"]]
     teacher = bench_train.build_teacher(preset)
     assert sum(p.numel() for p in teacher.parameters()) == official["num_params"]
 

@@ -1,16 +1,15 @@
 """Reading official EDM/EDM2 network pickles safely, loading them as denoisers, converting them to Diffusers folders.
 
-The official-format pickles are written by the fixtures tool from the parity fixtures; their embedded module source
-appends to $EDM_PICKLE_PAYLOAD_MARKER if executed, so every test that loads one checks that file never appears.
+The official-format pickles are written from the parity fixtures by tests/official_pickles.py; their embedded module
+source appends to $EDM_PICKLE_PAYLOAD_MARKER if executed, so every test that loads one checks that file never appears.
 """
 
 import collections
 import io
 import json
 import pickle
+import pickletools
 import re
-import subprocess
-import sys
 import warnings
 import zipfile
 
@@ -29,7 +28,7 @@ from sida_diffusers.pretrained import (
     read_official_pickle,
 )
 
-from conftest import FIXTURES_DIR, FIXTURES_MISSING
+from conftest import fixture_info, fixture_io, fixture_state_dict, official_pickle
 
 
 NETWORK_FIXTURES = ["edm_ddpmpp_cond", "edm_ddpmpp_uncond", "vp_ddpmpp_uncond", "ve_ncsnpp_uncond", "edm_adm_cond",
@@ -39,16 +38,11 @@ NETWORK_FIXTURES = ["edm_ddpmpp_cond", "edm_ddpmpp_uncond", "vp_ddpmpp_uncond", 
 @pytest.fixture(scope="module")
 def official_pkl(tmp_path_factory):
     """official_pkl(NAME) -> path of NAME.pkl in the official persistence format (written once per module)."""
-    if not (FIXTURES_DIR / "README.md").exists():
-        pytest.skip(FIXTURES_MISSING)
     folder, written = tmp_path_factory.mktemp("official"), {}
 
     def make(name):
         if name not in written:
-            written[name] = folder / f"{name}.pkl"
-            subprocess.run([sys.executable, str(FIXTURES_DIR / "tools" / "make_persistence_pickle.py"), name,
-                            "--fixtures", str(FIXTURES_DIR), "--out", str(written[name])],
-                           check=True, capture_output=True)
+            written[name] = official_pickle(folder, name)
         return written[name]
     return make
 
@@ -62,12 +56,22 @@ def payload_marker(tmp_path, monkeypatch):
     assert not marker.exists(), f"code embedded in a checkpoint was executed: {marker.read_text()}"
 
 
-def io_tensors(name):
-    return load_file(str(FIXTURES_DIR / f"{name}_io.safetensors"))
+def test_the_source_embedded_in_the_test_pickles_leaves_a_trace_when_executed(official_pkl, tmp_path, monkeypatch):
+    # What makes every `payload_marker` check meaningful: the official loader would run exactly these strings.
+    data = official_pkl("edm_ddpmpp_cond").read_bytes()
+    sources = {arg for _, arg, _ in pickletools.genops(data) if isinstance(arg, str) and arg.startswith('"""Stand-in')}
+    assert len(sources) == 3  # training.networks, training.loss and training.augment, each written once
+    assert all(data.count(source.encode()) == 1 for source in sources)  # later objects refer to it through the memo
+    monkeypatch.setenv("EDM_PICKLE_PAYLOAD_MARKER", str(tmp_path / "trace.txt"))
+    for source in sources:
+        exec(compile(source, "embedded module_src", "exec"), {})
+    assert sorted((tmp_path / "trace.txt").read_text().splitlines()) == [
+        f"executed the embedded source of training.{module} (edm_ddpmpp_cond)"
+        for module in ("augment", "loss", "networks")]
 
 
 def assert_matches_fixture(out, ref):
-    # Per-sample tolerance relative to the sample's scale (fixtures README, "Tolerances").
+    # Per-sample tolerance relative to the sample's scale (tests/fixtures/README.md).
     for out_i, ref_i in zip(out, ref):
         torch.testing.assert_close(out_i, ref_i, rtol=1e-5, atol=1e-5 * ref_i.abs().max().item())
 
@@ -82,7 +86,7 @@ def denoise(model, io):
 @pytest.mark.parametrize("name", NETWORK_FIXTURES)
 def test_official_pickle_loads_to_the_official_outputs_without_running_its_code(name, official_pkl, payload_marker):
     model = load_denoiser(official_pkl(name))
-    io = io_tensors(name)
+    io = fixture_io(name)
     assert not model.training
     assert_matches_fixture(denoise(model, io), io["denoised"])
     with torch.no_grad():
@@ -97,8 +101,8 @@ def test_official_pickle_loads_to_the_official_outputs_without_running_its_code(
 @pytest.mark.parametrize("name", ["edm_ddpmpp_cond", "edm_adm_cond", "ve_ncsnpp_uncond", "edm2_latent_cond"])
 def test_parsed_state_dict_and_config_equal_the_official_ones(name, official_pkl, payload_marker):
     ckpt = read_official_pickle(official_pkl(name))
-    reference = load_file(str(FIXTURES_DIR / f"{name}.safetensors"))
-    info = json.loads((FIXTURES_DIR / f"{name}.json").read_text())
+    reference = fixture_state_dict(name)
+    info = fixture_info(name)
     assert ckpt.class_name == info["official_class"].rsplit(".", 1)[1]
     assert ckpt.init_kwargs == info["init_kwargs"]
     assert sorted(ckpt.state_dict) == sorted(reference)  # official key names
@@ -126,7 +130,7 @@ def test_converted_folder_loads_back_to_the_same_network(official_pkl, tmp_path,
     written = {p.name for p in (tmp_path / "converted").iterdir()}
     assert written >= {"config.json", "diffusion_pytorch_model.safetensors"}
     model = load_denoiser(tmp_path / "converted")
-    io = io_tensors(name)
+    io = fixture_io(name)
     assert type(model).__name__ == "EDMPrecond" and not model.training
     assert_matches_fixture(denoise(model, io), io["denoised"])
 
@@ -139,7 +143,7 @@ def test_cli_writes_float16_weights_that_load_back(official_pkl, tmp_path, capsy
     assert "EDM2Precond" in printed and "float16" in printed and "511,616 parameters" in printed
     stored = load_file(str(dst / "diffusion_pytorch_model.safetensors"))
     assert {v.dtype for v in stored.values()} == {torch.float16}
-    io = io_tensors(name)
+    io = fixture_io(name)
     model = load_denoiser(dst, dtype=torch.float32)
     assert_matches_fixture(denoise(model, io), io["denoised"])
     assert load_denoiser(dst, dtype=torch.float16).unet.out_conv.weight.dtype == torch.float16
@@ -278,7 +282,7 @@ def test_hub_pickle_path_and_known_name_request_the_right_file(official_pkl, mon
     load_denoiser("sid-edm2-xxl")
     assert requests == [("UT-Austin-PML/SiDA", "EDM_distillation/cifar10_uncond_sida_alpha1-217920.pkl"),
                         ("UT-Austin-PML/SiDA", "EDM2_distillation/edm2_img512_xxl_sida_alpha1-077932.pkl")]
-    io = io_tensors("edm_ddpmpp_uncond")
+    io = fixture_io("edm_ddpmpp_uncond")
     assert_matches_fixture(denoise(model, io), io["denoised"])
 
 
@@ -292,7 +296,9 @@ def test_hub_repo_with_a_diffusers_subfolder_is_snapshot_downloaded(official_pkl
     monkeypatch.setattr(checkpoints, "snapshot_download", fake_snapshot_download)
     assert type(load_denoiser("someone/sida-cifar10:unet")).__name__ == "EDMPrecond"
     assert type(load_denoiser("someone/sida-cifar10")).__name__ == "EDMPrecond"  # a pipeline root: unet/ is used
-    assert requests == [("someone/sida-cifar10", ["unet/*"]), ("someone/sida-cifar10", None)]
+    model_files = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.safetensors.index.json"]
+    assert requests == [("someone/sida-cifar10", [f"unet/{f}" for f in model_files]),  # nothing else is fetched
+                        ("someone/sida-cifar10", model_files + [f"unet/{f}" for f in model_files])]
 
 
 def test_hub_failures_say_what_was_tried(monkeypatch):

@@ -110,11 +110,13 @@ def test_fd_digits_separates_real_digits_from_shuffled_pixels(digits, extractor)
     assert 0 < real_vs_real < 0.05 * real_vs_shuffled
 
 
-def test_register_digits_metric_makes_fd_digits_available():
-    from sida_diffusers.evaluation import available_metrics
+def test_register_digits_metric_makes_fd_digits_available(monkeypatch):
+    from sida_diffusers.evaluation import available_metrics, suite
 
+    monkeypatch.setattr(suite, "_FEATURE_METRICS", {})  # whatever ran before, fd_digits is not registered yet
+    assert FD_DIGITS == "fd_digits" and FD_DIGITS not in available_metrics()
     register_digits_metric()
-    assert FD_DIGITS == "fd_digits" and FD_DIGITS in available_metrics()
+    assert FD_DIGITS in available_metrics() and suite._FEATURE_METRICS[FD_DIGITS] is load_digits_feature_extractor
 
 
 @pytest.mark.parametrize("name", ["digits_teacher_cond", "digits_teacher_uncond", "digits_classifier"])

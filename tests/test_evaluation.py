@@ -27,7 +27,7 @@ from sida_diffusers.evaluation import (
     kernel_inception_distance,
     load_reference,
     parse_result_key,
-    plot_metric_curve,
+    plot_curves,
     precision_recall,
     register_feature_metric,
     result_keys,
@@ -411,7 +411,7 @@ def test_metrics_jsonl_and_curve_plot(tmp_path):
     for kimg, fid in [(0, 30.0), (10, 12.0), (20, 8.5)]:
         append_metrics_jsonl(log, {"kimg": kimg, "fid_10k": fid})
     assert [json.loads(line)["fid_10k"] for line in log.read_text().splitlines()] == [30.0, 12.0, 8.5]
-    png = plot_metric_curve(log, tmp_path / "metric_curve.png")
+    png = plot_curves(log, tmp_path / "metric_curve.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

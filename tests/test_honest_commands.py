@@ -4,33 +4,19 @@ The commands are called in-process through their `main(argv)`; one case per comm
 console entry (`python -m sida_diffusers.cli.X`) in a subprocess, to see exactly what a user sees.
 """
 
-import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import pytest
 
 from sida_diffusers.cli import convert, evaluate, export, ref_stats, sample
 from sida_diffusers.pipelines import SiDAPipeline
 
-from conftest import REPO_ROOT, png_header, requires_fixtures, tiny_edm
-
-
-def fails_in_one_line(capsys, command, argv, *problem):
-    """`command.main(argv)` exits with code 2 after one line `PROG: error: ...` naming the problem; nothing else."""
-    with pytest.raises(SystemExit) as exited:
-        command.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert exited.value.code == 2, err
-    assert err.count("\n") == 1 and err.startswith("sida-") and ": error: " in err, err
-    assert all(str(word) in err for word in problem), err
-    assert "wrote" not in out and "exported" not in out, out
-    return err
+from conftest import REPO_ROOT, fails_in_one_line, grey_png, official_pickle, png_header, tiny_edm
 
 
 def run_console(module, *argv):
@@ -53,10 +39,7 @@ def unconditional_pipeline(tmp_path):
 
 # ---- sida-convert ----------------------------------------------------------------------------------------------------
 
-@requires_fixtures
 def test_sida_convert_to_an_existing_file_fails_and_keeps_the_file(tmp_path):
-    from test_hostile_constructors import official_pickle
-
     pkl, dst = official_pickle(tmp_path, "edm2_latent_uncond"), tmp_path / "existing.txt"
     dst.write_text("precious")
     result = run_console("convert", pkl, dst)
@@ -86,7 +69,7 @@ def test_sida_convert_checks_its_own_options_in_one_line(tmp_path, capsys):
     (["--steps", "0"], "--steps must be >= 1 (1 = one step), got 0"),
     (["--steps", "-4"], "--steps must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
-    (["--seeds", "9-2"], "argument --seeds: invalid parse_seeds value: '9-2'"),
+    (["--seeds", "9-2"], "argument --seeds: bad seed list '9-2'"),
 ])
 def test_sida_sample_refuses_bad_options_before_writing_anything(pipeline, tmp_path, capsys, argv, problem):
     fails_in_one_line(capsys, sample, [pipeline, "--outdir", tmp_path / "out", "--device", "cpu", *argv], problem)
@@ -123,7 +106,7 @@ def test_sida_sample_refuses_a_pipeline_folder_naming_foreign_components(pipelin
 def test_sida_sample_still_writes_a_grid_into_a_new_folder(pipeline, tmp_path):
     assert sample.main([str(pipeline), "--seeds", "0-1", "--grid", str(tmp_path / "new" / "grid.png"),
                         "--device", "cpu"]) == 0
-    assert PIL.Image.open(tmp_path / "new" / "grid.png").size == (16, 8)
+    assert PIL.Image.open(tmp_path / "new" / "grid.png").size == (16 * 16, 8 * 16)  # enlarged to 256 px wide
 
 
 # ---- sida-ref-stats --------------------------------------------------------------------------------------------------
@@ -133,12 +116,6 @@ def image_folder(path, images):
     for name, data in images.items():
         (path / name).write_bytes(data)
     return path
-
-
-def grey_png(size=8):
-    buf = io.BytesIO()
-    PIL.Image.fromarray(np.zeros((size, size), np.uint8)).save(buf, format="png")
-    return buf.getvalue()
 
 
 @pytest.mark.parametrize("images, problem", [

@@ -148,7 +148,7 @@ def test_dataset_json_whose_labels_are_not_name_index_rows_is_refused(tmp_path, 
 def test_dataset_json_nested_too_deeply_or_not_json_is_refused(tmp_path, bounded):
     (tmp_path / "a.png").write_bytes(png())
     (tmp_path / "dataset.json").write_text('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}")
-    refused(tmp_path, "dataset.json nests its JSON too deeply to be read")
+    refused(tmp_path, "dataset.json nests its JSON too deeply")
     (tmp_path / "dataset.json").write_bytes(b"\xff\xfe not json")
     refused(tmp_path, "dataset.json is not valid JSON")
 

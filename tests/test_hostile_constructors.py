@@ -5,9 +5,7 @@ still being built on the meta device, before any memory is allocated; a genuinel
 the same checks. Bomb cases run under the `bounded` fixture (4 GiB above the current use, 20 s).
 """
 
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -19,31 +17,8 @@ from sida_diffusers.pipelines import SiDAPipeline
 from sida_diffusers.pretrained import load_denoiser
 from sida_diffusers.safe_io.model_files import build_within, check_shapes
 
-from conftest import FIXTURES_DIR, requires_fixtures, tiny_edm, tiny_vae
-
-
-def fixtures_tool():
-    spec = importlib.util.spec_from_file_location("make_persistence_pickle",
-                                                  FIXTURES_DIR / "tools" / "make_persistence_pickle.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    return tool
-
-
-def official_pickle(tmp_path, name, **init_kwargs):
-    """Fixture NAME as an official pickle (fixtures tool), its init_kwargs changed, its weights those of the fixture."""
-    folder = tmp_path / "fixtures"
-    folder.mkdir(exist_ok=True)
-    for suffix in (".json", ".safetensors"):
-        os.symlink(FIXTURES_DIR / f"{name}{suffix}", folder / f"{name}{suffix}")
-    recipe = json.loads((FIXTURES_DIR / f"{name}_pickle_recipe.json").read_text())
-    root = recipe["ema"]["modules"][recipe["ema"]["root"]]
-    for pair in dict(root["attrs"])["_init_kwargs"]["__py_dict__"]:
-        pair[1] = init_kwargs.get(pair[0], pair[1])
-    (folder / f"{name}_pickle_recipe.json").write_text(json.dumps(recipe))
-    path = tmp_path / f"{name}.pkl"
-    path.write_bytes(fixtures_tool().make_pickle(name, str(folder)))
-    return path
+import official_pickles
+from conftest import full_size_shapes, official_pickle, tiny_edm, tiny_vae
 
 
 def edit_config(path, **changes):
@@ -67,7 +42,6 @@ def refused(load, source, *problem):
 
 # ---- official pickles: init_kwargs ---------------------------------------------------------------------------------
 
-@requires_fixtures
 @pytest.mark.parametrize("name, init_kwargs", [
     ("edm_ddpmpp_cond", {"model_channels": 1 << 14}),       # ~10^11 parameters for 318,019 in the file
     ("edm_ddpmpp_cond", {"num_blocks": 1_000_000}),          # a million blocks: a time bomb even on meta
@@ -81,35 +55,30 @@ def test_init_kwargs_describing_a_far_larger_network_than_the_pickle_holds_are_r
             "but the file holds only", "the configuration does not belong to these weights")
 
 
-@requires_fixtures
 def test_constructor_errors_quoting_the_file_are_kept_short(tmp_path, bounded):
     path = official_pickle(tmp_path, "edm2_latent_cond", channel_mult=[1] * 100_000)
     message = refused(load_denoiser, path, str(path), "must be divisible by", "...")
     assert len(message) < 1000
 
 
-@requires_fixtures
 def test_an_iddpm_table_of_a_billion_steps_is_neither_computed_nor_allocated(tmp_path, bounded):
-    tool = fixtures_tool()
     state = {"_init_kwargs": {"img_resolution": 8, "img_channels": 3, "M": 10**9, "model_type": "SongUNet",
                               "model_channels": 8, "channel_mult": [1], "num_blocks": 1, "attn_resolutions": []},
-             "_modules": {}, "_parameters": {"u": tool.tensor_obj(torch.zeros(1001).numpy(), False, False)},
-             "_buffers": {}}
-    net = tool.persistent("iDDPMPrecond", "training.networks", state, {"__tag__": "iddpm"})
+             "_modules": {}, "_parameters": {"u": official_pickles.tensor(torch.zeros(1001))}, "_buffers": {}}
+    net = official_pickles.persistent("iDDPMPrecond", "training.networks", state, tag="iddpm")
     path = tmp_path / "iddpm.pkl"
-    path.write_bytes(tool.dumps({"ema": net}, protocol=4))
+    path.write_bytes(official_pickles.dumps({"ema": net}, protocol=4))
     refused(load_denoiser, path, str(path), "describes a network of at least")
 
 
-@requires_fixtures
 def test_the_fixture_networks_still_load_at_their_true_size(tmp_path):
     model = load_denoiser(official_pickle(tmp_path, "edm2_latent_uncond"))
     assert sum(p.numel() for p in model.parameters()) == 78_872 and not next(model.parameters()).is_meta
 
 
-def test_edm2_xxl_passes_the_checks_on_meta_without_allocating(fixtures_dir, bounded):
+def test_edm2_xxl_passes_the_checks_on_meta_without_allocating(bounded):
     # 1.5 billion parameters (6 GB in float32) do not fit the 4 GiB the fixture allows: nothing may be allocated.
-    xxl = json.loads((fixtures_dir / "full_size_shapes.json").read_text())["edm2-img512-xxl"]
+    xxl = full_size_shapes()["edm2-img512-xxl"]
     shapes = xxl["state_dict"]
     model = build_within(lambda: denoiser_from_official("Precond", xxl["init_kwargs"]), shapes, "edm2-img512-xxl")
     check_shapes(model, shapes, "edm2-img512-xxl", "**init_kwargs")
@@ -117,8 +86,8 @@ def test_edm2_xxl_passes_the_checks_on_meta_without_allocating(fixtures_dir, bou
     assert all(t.is_meta for t in model.state_dict().values())
 
 
-def test_one_missing_tensor_of_edm2_xxl_is_named(fixtures_dir, bounded):
-    xxl = json.loads((fixtures_dir / "full_size_shapes.json").read_text())["edm2-img512-xxl"]
+def test_one_missing_tensor_of_edm2_xxl_is_named(bounded):
+    xxl = full_size_shapes()["edm2-img512-xxl"]
     shapes = {k: v for k, v in xxl["state_dict"].items() if k != "unet.out_gain"}
     with pytest.raises(ValueError, match=r"describes a network of at least 203 tensors .* holds only 202 tensors"):
         build_within(lambda: denoiser_from_official("Precond", xxl["init_kwargs"]), shapes, "xxl")

@@ -14,13 +14,13 @@ import zipfile
 
 import numpy as np
 import pytest
-from test_hostile_constructors import fixtures_tool
 
 from sida_diffusers.cli.evaluate import load_label_pool
 from sida_diffusers.evaluation import load_reference
 from sida_diffusers.pretrained import load_denoiser, read_official_pickle
 
-from conftest import Call, requires_fixtures, tiny_edm
+import official_pickles as official
+from conftest import Call, tiny_edm
 from conftest import refused_file as refused
 
 
@@ -30,16 +30,16 @@ def reference_pickle(tmp_path, mu, protocol=4):
     return path
 
 
-def official_network(tool, init_kwargs, modules=None):
+def official_network(init_kwargs, modules=None):
     """A minimal network record in the official persistence format, with one parameter."""
     state = {"_init_kwargs": init_kwargs, "_modules": modules or {}, "_buffers": {},
-             "_parameters": {"weight": tool.tensor_obj(np.zeros(4, np.float32), True, True)}}
-    return tool.persistent("EDMPrecond", "training.networks", state, {"__tag__": "hostile"})
+             "_parameters": {"weight": official.tensor(np.zeros(4, np.float32), parameter=True, requires_grad=True)}}
+    return official.persistent("EDMPrecond", "training.networks", state, tag="hostile")
 
 
-def official_pickle(tmp_path, tool, network, **extras):
+def official_pickle(tmp_path, network, **extras):
     path = tmp_path / "network-snapshot.pkl"
-    path.write_bytes(tool.dumps({"ema": network, **extras}, protocol=3))  # 3: no frames, so opcodes can be spliced
+    path.write_bytes(official.dumps({"ema": network, **extras}, protocol=3))  # 3: BINUNICODE strings, spliced below
     return path
 
 
@@ -81,11 +81,9 @@ def test_a_list_shared_a_million_times_is_not_expanded_into_a_billion_numbers(tm
     refused(load_reference, path, "expands to more than 1,000,000 values")
 
 
-@requires_fixtures  # official-format pickles are written with the fixtures tool
 def test_shared_init_kwargs_are_not_expanded_either(tmp_path, bounded):
-    tool = fixtures_tool()
     thousand = list(range(1000))
-    path = official_pickle(tmp_path, tool, official_network(tool, {"channel_mult": [[thousand] * 1000] * 1000}))
+    path = official_pickle(tmp_path, official_network({"channel_mult": [[thousand] * 1000] * 1000}))
     refused(read_official_pickle, path, "expands to more than 1,000,000 values")
 
 
@@ -98,20 +96,16 @@ def test_a_reference_nested_a_hundred_thousand_levels_deep_is_refused_without_re
     refused(load_reference, path, "nests deeper than 100 levels")
 
 
-@requires_fixtures  # official-format pickles are written with the fixtures tool
 def test_init_kwargs_nested_a_hundred_thousand_levels_deep_are_refused(tmp_path, bounded):
-    tool = fixtures_tool()
-    path = official_pickle(tmp_path, tool, official_network(tool, {"channel_mult": "DEEP"}))
+    path = official_pickle(tmp_path, official_network({"channel_mult": "DEEP"}))
     with_placeholder_replaced(path, "DEEP", nested_lists(100_000))
     refused(load_denoiser, path, "nests deeper than 100 levels")
 
 
-@requires_fixtures  # official-format pickles are written with the fixtures tool
 def test_a_list_inside_itself_is_refused(tmp_path, bounded):
-    tool = fixtures_tool()
     loop = []
     loop.append(loop)
-    refused(read_official_pickle, official_pickle(tmp_path, tool, official_network(tool, {"channel_mult": loop})),
+    refused(read_official_pickle, official_pickle(tmp_path, official_network({"channel_mult": loop})),
             "a container contains itself")
     cyclic = {}
     cyclic["fid"] = cyclic
@@ -120,27 +114,25 @@ def test_a_list_inside_itself_is_refused(tmp_path, bounded):
     refused(load_reference, path, "a container contains itself")
 
 
-@requires_fixtures  # official-format pickles are written with the fixtures tool
 def test_a_module_tree_that_contains_itself_or_shares_a_submodule_is_refused(tmp_path, bounded):
-    tool = fixtures_tool()
-    container = tool.NewObj(tool.Global("torch.nn.modules.container", "ModuleList"), state={})
+    module_list = official.Global("torch.nn.modules.container", "ModuleList")
+    container = official.NewObject(module_list, state={})
     container.state.update({"_modules": {"0": container}, "_parameters": {}, "_buffers": {}})  # itself, via the memo
-    refused(read_official_pickle, official_pickle(tmp_path, tool, official_network(tool, {}, {"blocks": container})),
+    refused(read_official_pickle, official_pickle(tmp_path, official_network({}, {"blocks": container})),
             "module tree is cyclic, shared or implausibly deep at 'blocks.0.'")
 
-    level = tool.NewObj(tool.Global("torch.nn.modules.container", "ModuleList"),
-                        state={"_modules": {}, "_parameters": {}, "_buffers": {}})
+    level = official.NewObject(module_list, state={"_modules": {}, "_parameters": {}, "_buffers": {}})
     for _ in range(60):  # every level shared twice: 2^60 paths through 60 objects
-        level = tool.NewObj(tool.Global("torch.nn.modules.container", "ModuleList"),
-                            state={"_modules": {"0": level, "1": level}, "_parameters": {}, "_buffers": {}})
-    path = official_pickle(tmp_path, tool, official_network(tool, {}, {"blocks": level}))
+        level = official.NewObject(module_list,
+                                   state={"_modules": {"0": level, "1": level}, "_parameters": {}, "_buffers": {}})
+    path = official_pickle(tmp_path, official_network({}, {"blocks": level}))
     refused(read_official_pickle, path, "module tree is cyclic, shared or implausibly deep")
 
 
 def test_a_config_json_nested_beyond_what_json_can_parse_is_refused(tmp_path, bounded):
     tiny_edm().save_pretrained(tmp_path / "unet")
     (tmp_path / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
-    refused(load_denoiser, tmp_path / "unet", "config.json nests its JSON too deeply to be read")
+    refused(load_denoiser, tmp_path / "unet", "config.json nests its JSON too deeply")
 
 
 # ---- .npz and .npy headers -------------------------------------------------------------------------------------------

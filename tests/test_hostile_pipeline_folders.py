@@ -109,3 +109,82 @@ def test_the_folders_the_package_writes_still_load(tmp_path):
     EDMHeunPipeline(unet=tiny_edm(), guide=tiny_edm(seed=1)).save_pretrained(tmp_path / "heun")
     heun = EDMHeunPipeline.from_pretrained(tmp_path / "heun")
     assert type(heun.guide).__name__ == "EDMPrecond" and heun.vae is None
+
+
+# ---- links out of the folder ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["README.md", "run_info.json", "samples_grid.png", "model_index.json",
+                                  "unet/config.json", "unet/diffusion_pytorch_model.safetensors"])
+def test_a_file_linked_from_outside_the_folder_is_refused_and_never_republished(pipeline_folder, tmp_path, name):
+    """A folder from elsewhere may link README.md or run_info.json to any file of the user's (~/.ssh/id_rsa): loading
+    it would put that file on the pipeline, and save_pretrained / push_to_hub would publish it."""
+    secret = tmp_path / "secret" / name.replace("/", "_")
+    secret.parent.mkdir(exist_ok=True)
+    if (pipeline_folder / name).exists():
+        (pipeline_folder / name).replace(secret)
+    else:
+        secret.write_text("the user's private file")
+    (pipeline_folder / name).symlink_to(secret)
+    refused(pipeline_folder, f"{pipeline_folder / name} is a link to {secret}", "outside")
+
+
+def test_a_component_folder_linked_from_elsewhere_is_refused(pipeline_folder, tmp_path):
+    (pipeline_folder / "unet").replace(tmp_path / "elsewhere")
+    (pipeline_folder / "unet").symlink_to(tmp_path / "elsewhere")
+    refused(pipeline_folder, "is a link to", "outside")
+
+
+def test_a_hub_cache_snapshot_linking_into_its_own_blobs_loads(pipeline_folder, tmp_path):
+    """huggingface_hub's cache: snapshots/REV/file -> ../../blobs/HASH, links that stay inside the repository."""
+    repo = tmp_path / "models--someone--pipe"
+    snapshot = repo / "snapshots" / "0123abc"
+    for i, file in enumerate(sorted(p for p in pipeline_folder.rglob("*") if p.is_file())):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        file.replace(blob)
+        target = snapshot / file.relative_to(pipeline_folder)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(blob)
+    assert SiDAPipeline.from_pretrained(snapshot).labels == {"a": 0, "b": 1, "c": 2}
+
+
+# ---- values of model_index.json and config.json ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("entries, problem", [
+    ({"id2label": ["a", "b", "c"]}, "id2label must be a dict {class index: name}"),
+    ({"id2label": {"x": "a"}}, "its entry 'x' does not"),
+    ({"init_sigma": float("inf")}, "init_sigma must be positive and finite"),
+    ({"init_sigma": float("nan")}, "init_sigma must be positive and finite"),
+    ({"latent_scale": [float("inf")] * 4, "latent_bias": [0.0] * 4}, "latent_scale must be a short list of finite"),
+])
+def test_absurd_pipeline_settings_are_refused_as_values_not_tracebacks(pipeline_folder, entries, problem):
+    refused(edit_index(pipeline_folder, **entries), problem)
+
+
+def test_a_quantized_component_config_is_refused_before_diffusers_looks_for_a_gpu(pipeline_folder):
+    config = json.loads((pipeline_folder / "unet" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (pipeline_folder / "unet" / "config.json").write_text(json.dumps(config))
+    refused(pipeline_folder, "unet/config.json sets 'quantization_config'", "does not load")
+
+
+# ---- what a Hub download fetches --------------------------------------------------------------------------------------------
+
+def test_a_hub_download_fetches_only_the_files_a_pipeline_is_read_from(pipeline_folder, monkeypatch):
+    import fnmatch
+
+    import huggingface_hub
+
+    asked = {}
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kwargs):
+        asked.update(repo_id=repo_id, patterns=allow_patterns)
+        return str(pipeline_folder)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    assert SiDAPipeline.from_pretrained("someone/pipe").labels == {"a": 0, "b": 1, "c": 2}
+    fetched = lambda name: any(fnmatch.fnmatch(name, p) for p in asked["patterns"])  # noqa: E731
+    assert asked["repo_id"] == "someone/pipe"
+    assert all(fetched(str(p.relative_to(pipeline_folder))) for p in pipeline_folder.rglob("*")
+               if p.is_file() and p.suffix != ".py")
+    assert not any(fetched(name) for name in ("sida_standalone.py", "unet/sida_unet.py", "unet/diffusion_pytorch_model.bin",
+                                              "evil.pkl", "data/train.zip", ".gitattributes", "unet/evil.py"))

@@ -1,19 +1,17 @@
 """EDM-family networks: parity with the official NVlabs/edm + SiDA outputs, state-dict layout, and the call contract."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.edm import DhariwalUNet, SongUNet
 from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 
-from conftest import FIXTURES_DIR, requires_fixtures
+from conftest import fixture_info, fixture_io, fixture_state_dict, full_size_shapes
 
 
 EDM_FIXTURES = ["edm_ddpmpp_uncond", "edm_ddpmpp_cond", "vp_ddpmpp_uncond", "ve_ncsnpp_uncond", "edm_adm_cond"]
@@ -36,19 +34,18 @@ def tiny(cls=EDMPrecond, label_dim=0, model=TINY_SONG, **kwargs):
 
 
 def official_fixture(name):
-    meta = json.loads((FIXTURES_DIR / f"{name}.json").read_text())
+    meta = fixture_info(name)
     net = denoiser_from_official(meta["official_class"].split(".")[-1], meta["init_kwargs"])
-    net.load_state_dict(load_file(FIXTURES_DIR / f"{name}.safetensors"), strict=True)
-    return net.eval(), meta, load_file(FIXTURES_DIR / f"{name}_io.safetensors")
+    net.load_state_dict(fixture_state_dict(name), strict=True)
+    return net.eval(), fixture_io(name)
 
 
 # ---- parity with the official code ---------------------------------------------------------------------------------
 
 
-@requires_fixtures
 @pytest.mark.parametrize("name", EDM_FIXTURES)
 def test_official_weights_reproduce_official_outputs_in_every_return_flag(name):
-    net, meta, io = official_fixture(name)
+    net, io = official_fixture(name)
     checked = set()
     for suffix, augment in [("", None), ("_aug", io.get("augment_labels"))]:
         if suffix and augment is None:
@@ -65,23 +62,21 @@ def test_official_weights_reproduce_official_outputs_in_every_return_flag(name):
             assert value.dtype == torch.float32
             assert_close_per_sample(value, io[key + suffix], f"{name}: {key + suffix}")
             checked.add(key + suffix)
-    assert checked == set(meta["io"]) - {"x", "sigma", "class_labels", "augment_labels"}
+    assert checked == set(io) - {"x", "sigma", "class_labels", "augment_labels"}
 
 
-@requires_fixtures
 def test_unet_block_with_four_attention_heads_matches_official_block():
-    meta = json.loads((FIXTURES_DIR / "edm_unetblock_mh.json").read_text())
+    meta = fixture_info("edm_unetblock_mh")
     block = UNetBlock(**meta["init_kwargs"]).eval()
     assert block.num_heads == meta["num_heads"] == 4
-    block.load_state_dict(load_file(FIXTURES_DIR / "edm_unetblock_mh.safetensors"), strict=True)
-    io = load_file(FIXTURES_DIR / "edm_unetblock_mh_io.safetensors")
+    block.load_state_dict(fixture_state_dict("edm_unetblock_mh"), strict=True)
+    io = fixture_io("edm_unetblock_mh")
     with torch.no_grad():
         assert_close_per_sample(block(io["x"], io["emb"]), io["y"], "UNetBlock")
 
 
-@requires_fixtures
 def test_full_size_official_configs_have_official_state_dict_keys_and_shapes():
-    configs = json.loads((FIXTURES_DIR / "full_size_shapes.json").read_text())
+    configs = full_size_shapes()
     edm = {k: v for k, v in configs.items() if v["official_class"].startswith("training.networks.")}
     assert len(edm) == 6
     for name, config in edm.items():

@@ -1,15 +1,14 @@
 """EDM2 UNet and EDM2Precond: official parity, state-dict layout, forced normalisation, SiDA training patterns."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.edm2 import MPConv, UNet, normalize, normalize_mpconv_weights_, resample
 from sida_diffusers.networks.precond_edm2 import EDM2Precond
+
+from conftest import fixture_info, fixture_io, fixture_state_dict, full_size_shapes
 
 
 FIXTURES = ["edm2_latent_cond", "edm2_pixel_cond", "edm2_latent_uncond"]
@@ -25,14 +24,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def load_fixture(fixtures_dir, name, class_name="Precond"):
-    meta = json.loads((fixtures_dir / f"{name}.json").read_text())
-    model = denoiser_from_official(class_name, meta["init_kwargs"])
-    state = load_file(fixtures_dir / f"{name}.safetensors")
+def load_fixture(name, class_name="Precond"):
+    model = denoiser_from_official(class_name, fixture_info(name)["init_kwargs"])
+    state = fixture_state_dict(name)
     if not model.has_logvar:
         state = {k: v for k, v in state.items() if not k.startswith("logvar_")}
     model.load_state_dict(state, strict=True)
-    return model.eval(), load_file(fixtures_dir / f"{name}_io.safetensors")
+    return model.eval(), fixture_io(name)
 
 
 def assert_close_per_sample(actual, ref):
@@ -50,8 +48,8 @@ def tiny_inputs(n=3):
 
 
 @pytest.mark.parametrize("name", FIXTURES)
-def test_matches_official_outputs_for_every_return_flag(fixtures_dir, name):
-    model, io = load_fixture(fixtures_dir, name)
+def test_matches_official_outputs_for_every_return_flag(name):
+    model, io = load_fixture(name)
     x, sigma, labels = io["x"], io["sigma"], io.get("class_labels")
     with torch.no_grad():
         denoised, logvar = model(x, sigma, labels, return_logvar=True)
@@ -64,8 +62,8 @@ def test_matches_official_outputs_for_every_return_flag(fixtures_dir, name):
     assert_close_per_sample(logits_ed, io["disc_logits_ed"])
 
 
-def test_generator_variant_has_no_logvar_head_and_denoises_identically(fixtures_dir):
-    model, io = load_fixture(fixtures_dir, "edm2_latent_cond", class_name="EDM_2_Precond_Generator")
+def test_generator_variant_has_no_logvar_head_and_denoises_identically():
+    model, io = load_fixture("edm2_latent_cond", class_name="EDM_2_Precond_Generator")
     assert not model.has_logvar
     assert not any(k.startswith("logvar_") for k in model.state_dict())
     with torch.no_grad():
@@ -75,8 +73,8 @@ def test_generator_variant_has_no_logvar_head_and_denoises_identically(fixtures_
         model(io["x"], io["sigma"], io["class_labels"], return_logvar=True)
 
 
-def test_full_size_configs_have_official_state_dict_layout(fixtures_dir):
-    configs = json.loads((fixtures_dir / "full_size_shapes.json").read_text())
+def test_full_size_configs_have_official_state_dict_layout():
+    configs = full_size_shapes()
     edm2 = {name: c for name, c in configs.items() if c["official_class"].endswith("networks_edm2.Precond")}
     assert {"edm2-img512-xs", "edm2-img512-xxl", "edm2-img512-s-uncond", "edm2-img64-s"} <= set(edm2)
     for name, config in edm2.items():

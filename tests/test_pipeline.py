@@ -262,7 +262,8 @@ def test_sida_sample_npz_grid_and_class_names(tmp_path, cond_pipe):
     expected = cond_pipe(batch_size=5, class_labels=[2, 1, 2, 1, 2], generator=seed_generators([0, 1, 2, 3, 7]),
                          output_type="np").images
     np.testing.assert_array_equal(data["arr_0"], np_to_uint8(expected))
-    assert PIL.Image.open(tmp_path / "grid.png").size == (24, 16)  # 5 images -> 3 columns x 2 rows of 8x8
+    # 5 images -> 3 columns x 2 rows of 8x8, enlarged 11x (the smallest integer factor reaching 256 px)
+    assert PIL.Image.open(tmp_path / "grid.png").size == (24 * 11, 16 * 11)
 
 
 def test_sida_sample_files_are_edm_uint8_bytes_of_the_generator(tmp_path):

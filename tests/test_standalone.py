@@ -82,8 +82,8 @@ def test_the_standalone_module_is_the_package_source_with_nothing_of_the_package
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source))
                  if isinstance(node, ast.ImportFrom) and node.level == 0}
-    assert imported <= {"PIL", "diffusers", "huggingface_hub", "inspect", "math", "numpy", "os", "pathlib", "torch",
-                        "typing", "__future__"}
+    # yaml: the bounded reading of a model card's front matter (PyYAML is a dependency of huggingface_hub)
+    assert imported - set(sys.stdlib_module_names) <= {"PIL", "diffusers", "huggingface_hub", "numpy", "torch", "yaml"}
 
 
 def test_the_generated_module_makes_the_same_images_as_the_package(saved):
@@ -172,7 +172,7 @@ REMOTE_SCRIPT = textwrap.dedent("""
         utils, dynamic = "diffusers.pipelines.pipeline_utils", "diffusers.utils.dynamic_modules_utils"
         return [mock.patch(f"{utils}.model_info", return_value=info),
                 mock.patch(f"{dynamic}.model_info", return_value=info),
-                mock.patch(f"{utils}._resolve_revision", return_value=None),
+                mock.patch(f"{utils}._resolve_revision", return_value=None, create=True),  # Diffusers >= 0.41
                 mock.patch(f"{utils}.hf_hub_download", hf_hub_download),
                 mock.patch(f"{dynamic}.hf_hub_download", hf_hub_download),
                 mock.patch(f"{utils}.snapshot_download", snapshot_download)]
@@ -224,3 +224,58 @@ def test_plain_diffusers_loads_the_folder_and_the_hub_repo_without_sida_diffuser
             for where in ("folder", "hub"):
                 assert remote[f"{name}/{where}/{i}"].dtype == np.float32
                 np.testing.assert_array_equal(remote[f"{name}/{where}/{i}"], images)
+
+
+# ---- saving again what plain Diffusers loaded -----------------------------------------------------------------------
+SAVE_AGAIN_SCRIPT = textwrap.dedent("""
+    import json, sys, types
+    from pathlib import Path
+    sys.modules["sida_diffusers"] = None  # sida_diffusers is not importable in this process
+    import huggingface_hub
+    import numpy as np
+    import torch
+
+    pushed = {}
+    def upload_folder(folder_path, **kwargs):
+        pushed.update({p.relative_to(folder_path).as_posix(): p.read_bytes().decode("latin-1")
+                       for p in Path(folder_path).rglob("*") if p.is_file()})
+    huggingface_hub.create_repo = lambda repo_id, **kwargs: types.SimpleNamespace(repo_id=repo_id)
+    huggingface_hub.upload_folder = upload_folder  # the standalone module imports these names when it is loaded
+    from diffusers import DiffusionPipeline
+
+    src, dst = sys.argv[1], sys.argv[2]
+    pipe = DiffusionPipeline.from_pretrained(src, trust_remote_code=True)
+    pipe.save_pretrained(dst)
+    pipe.push_to_hub("me/again")
+    again = DiffusionPipeline.from_pretrained(dst, trust_remote_code=True)
+    again.set_progress_bar_config(disable=True)
+    generator = [torch.Generator().manual_seed(s) for s in range(4)]
+    np.save(Path(dst).parent / "again.npy", again(batch_size=4, generator=generator, output_type="np").images)
+    print(json.dumps({"pushed_card": pushed.get("README.md"), "pushed": sorted(pushed)}))
+""")
+
+
+def test_a_pipeline_plain_diffusers_loaded_saves_a_folder_both_loaders_read_and_keeps_its_card(tmp_path):
+    from sida_diffusers.hub import export_pipeline
+
+    run_info = {"method": "sida", "teacher": "edm-cifar10-32x32-cond-vp", "label_dim": 3, "id2label": ID2LABEL,
+                "train_batch_size": 32, "metrics": {"fid_50k": 1.5}}
+    export_pipeline(tiny_edm(label_dim=3), tmp_path / "src", run_info, grid_seeds=range(4))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", SAVE_AGAIN_SCRIPT, str(tmp_path / "src"), str(tmp_path / "dst")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in ("README.md", "samples_grid.png", "run_info.json", "sida_standalone.py", "unet/sida_unet.py",
+                 "model_index.json"):  # the very folder sida_diffusers wrote
+        assert (tmp_path / "dst" / name).read_bytes() == (tmp_path / "src" / name).read_bytes(), name
+    assert "_name_or_path" not in (tmp_path / "dst" / "unet" / "config.json").read_text()
+    ours = SiDAPipeline.from_pretrained(tmp_path / "dst")  # and the package reads it, card included
+    assert ours.model_card.data.license == "cc-by-nc-sa-4.0" and ours.run_info["metrics"] == {"fid_50k": 1.5}
+    ours.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "again.npy"), ours(
+        batch_size=4, generator=seed_generators(range(4)), output_type="np").images)
+    # its push uploads the package's card (with the repo id), not Diffusers' generic one
+    assert {"README.md", "samples_grid.png", "sida_standalone.py"} <= set(report["pushed"])
+    assert 'SiDAPipeline.from_pretrained("me/again")' in report["pushed_card"] and "## Citation" in report["pushed_card"]

@@ -121,4 +121,5 @@ def test_trackers_get_losses_evaluations_and_sample_grids_stepped_by_images(tmp_
     steps_with = lambda key: [step for step, values in tracker.values if key in values]
     assert steps_with("g_loss") == [8, 16, 24, 32] and steps_with("sec_per_kimg") == [8, 16, 24, 32]
     assert steps_with("fd_pixels8_16") == [16, 32]
-    assert tracker.images == [(16, {"samples": (1, 16, 16, 3)}), (32, {"samples": (1, 16, 16, 3)})]  # 2x2 grid of 8px
+    # a 2x2 grid of 8 px images, enlarged 16x to 256 px like every grid
+    assert tracker.images == [(16, {"samples": (1, 256, 256, 3)}), (32, {"samples": (1, 256, 256, 3)})]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
+
+from sida_diffusers.safe_io.paths import output_problem
 
 
 # What bad input raises in our code (ValueError, FileNotFoundError and other OSErrors, TypeError for wrong kinds).
@@ -66,17 +67,34 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {' '.join(str(message).split())}\n")
 
     def check_writable_file(self, option: str, path) -> None:
-        """`path` will be written as a file: it must not be a folder, nor lie in something that is not a folder."""
-        path = Path(path)
-        if path.is_dir():
-            self.fail(f"{option} {path} is an existing folder; pass a file name.")
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            self.fail(f"{option} {path} cannot be written: {parent} is a file, not a folder.")
+        """`path` will be written as a file: not a folder, not inside a file, a name the file system takes, in a
+        folder that really takes new files (`safe_io.paths.output_problem`); checked before the work, not after."""
+        problem = output_problem(path, folder=False)
+        if problem:
+            self.fail(f"{option} {path} {problem}.")
 
     def check_writable_folder(self, option: str, path) -> None:
-        """`path` will be created or filled as a folder: it must not be an existing file or lie inside one."""
-        path = Path(path)
-        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
-        if blocker is not None:
-            self.fail(f"{option} {path} cannot be a folder: {blocker} is an existing file.")
+        """`path` will be created or filled as a folder: not an existing file or inside one, and writable."""
+        problem = output_problem(path, folder=True)
+        if problem:
+            self.fail(f"{option} {path} {problem}.")
+
+    def check_device(self, option: str, name: str) -> None:
+        """`name` is a torch device this machine has (`cpu`, `cuda`, `cuda:1`, `mps`)."""
+        import torch
+
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError):
+            self.fail(f"{option} {name!r} is not a device; pass cpu, cuda, cuda:N or mps.")
+        available = {"cpu": 1, "cuda": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                     "mps": int(torch.backends.mps.is_available())}
+        count = available.get(device.type, 0)
+        if count == 0 or (device.index or 0) >= count:
+            have = ", ".join(kind if n == 1 else f"{kind}:0..{n - 1}" for kind, n in available.items() if n)
+            self.fail(f"{option} {name}: this machine has no such device (it has {have}); pass one of those.")
+
+    def check_range(self, option: str, value, low: int, high: int) -> None:
+        """An integer option within [low, high] (None passes: the option was not given)."""
+        if value is not None and not low <= value <= high:
+            self.fail(f"{option} must be from {low:,} to {high:,}, got {value:,}.")

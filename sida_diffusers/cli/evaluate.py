@@ -18,8 +18,11 @@ import numpy as np
 import torch
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
+from sida_diffusers.cli.sample import MAX_BATCH, MAX_SEED, MAX_STEPS
+from sida_diffusers.data.image_files import MAX_LABEL_VALUES
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
+from sida_diffusers.run_record import RUN_INFO_NAME, RunRecord
 from sida_diffusers.safe_io.files import load_npy, load_npz, read_json
 
 
@@ -31,7 +34,7 @@ def load_label_pool(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"label file {path} not found; pass the dataset's labels (.npy, .npz or EDM "
                                 "dataset.json) or omit --labels.")
     if path.suffix == ".json":
-        data = read_json(path)
+        data = read_json(path, max_nodes=MAX_LABEL_VALUES)
         data = data.get("labels") if isinstance(data, dict) else data
         if not isinstance(data, list):
             raise ValueError(f"{path} holds no list of labels; expected EDM's dataset.json or a JSON list.")
@@ -55,13 +58,12 @@ def load_label_pool(path: str | Path) -> np.ndarray:
 
 
 def trained_on_digits(src: str) -> bool:
-    """True for a pipeline folder exported from a run on the embedded digits data (its run_info.json says so)."""
-    info = Path(src) / "run_info.json"
+    """True for a pipeline folder exported from a run on the embedded digits data (its run record says so)."""
+    info = Path(src) / RUN_INFO_NAME
     try:
-        data = read_json(info) if info.is_file() else None
+        return info.is_file() and RunRecord.read(info).dataset == "digits"
     except (ValueError, OSError):
         return False
-    return isinstance(data, dict) and data.get("dataset") == "digits"
 
 
 def image_shape(pipe) -> tuple:
@@ -93,8 +95,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--seeds-start", type=int, default=0, help="first seed of the first run")
     parser.add_argument("--batch-size", type=int, default=64, help="images per generator call")
     parser.add_argument("--labels", help="dataset class labels to draw from (.npy, .npz or EDM dataset.json)")
-    parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: clean-fid's /tmp copy, "
-                                            "downloaded if online)")
+    parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: downloaded once into "
+                                            "$SIDA_CACHE or ~/.cache/sida_diffusers)")
     parser.add_argument("--inception-mode", default="legacy_tensorflow",
                         choices=("legacy_tensorflow", "clean"), help="legacy_tensorflow matches EDM/SiD numbers")
     parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id for fd_dinov2 (default facebook/dinov2-large)")
@@ -112,6 +114,12 @@ def main(argv=None) -> int:
         parser.fail(f"--repeats must be >= 1, got {args.repeats}")
     if args.steps is not None and args.steps < 1:
         parser.fail(f"--steps must be >= 1, got {args.steps}")
+    parser.check_range("--repeats", args.repeats, 1, 1000)
+    parser.check_range("--num-samples", args.num_samples, 1, 10_000_000)
+    parser.check_range("--batch-size", args.batch_size, 1, MAX_BATCH)
+    parser.check_range("--steps", args.steps, 1, MAX_STEPS)
+    parser.check_range("--seeds-start", args.seeds_start, 0, MAX_SEED)
+    parser.check_device("--device", args.device)
     if args.out:
         parser.check_writable_file("--out", args.out)  # checked now, not after hours of evaluation
 

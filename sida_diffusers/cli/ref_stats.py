@@ -12,8 +12,12 @@ import numpy as np
 import torch
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
+from sida_diffusers.data.datasets import MAX_RESOLUTION
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, save_reference
+
+
+MAX_BATCH_BYTES = 1 << 30  # decoded images held at once
 
 
 def build_parser() -> CommandParser:
@@ -28,7 +32,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--resolution", type=int, help="resolution passed to build_dataset")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: clean-fid's /tmp copy)")
+    parser.add_argument("--inception", help="local inception-2015-12-05.pt (default: downloaded once into $SIDA_CACHE "
+                                            "or ~/.cache/sida_diffusers)")
     parser.add_argument("--inception-mode", default="legacy_tensorflow",
                         choices=("legacy_tensorflow", "clean"))
     parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id (default facebook/dinov2-large)")
@@ -45,16 +50,29 @@ def main(argv=None) -> int:
     parser.check_writable_file("OUT", args.out)  # checked now, not after the whole dataset has been featurised
     if args.batch_size < 1 or (args.max_images is not None and args.max_images < 1):
         parser.fail(f"--batch-size and --max-images must be >= 1, got {args.batch_size} and {args.max_images}")
+    parser.check_range("--batch-size", args.batch_size, 1, 1 << 16)
+    parser.check_range("--workers", args.workers, 0, 256)
+    parser.check_range("--resolution", args.resolution, 1, MAX_RESOLUTION)
+    parser.check_device("--device", args.device)
 
     from sida_diffusers.data.datasets import build_dataset
 
     try:
-        dataset = build_dataset(args.data, resolution=args.resolution)
+        # Items are held decoded only up to MAX_BATCH_BYTES in all (then every item is checked before any feature
+        # is computed); beyond, they are decoded a batch at a time: a folder of a few thousand 8192^2 PNGs is
+        # megabytes on disk but hundreds of gigabytes decoded.
+        dataset = build_dataset(args.data, resolution=args.resolution, cache_limit=MAX_BATCH_BYTES)
         num_images = min(len(dataset), args.max_images or len(dataset))
         first = np.asarray(dataset[0][0])
         if first.dtype != np.uint8:
             raise ValueError(f"{args.data} yields {first.dtype} items, not uint8 images (EDM2 latents?); compute "
                              "reference statistics from the pixel images.")
+        batch_bytes = args.batch_size * first.nbytes
+        if batch_bytes > MAX_BATCH_BYTES:
+            fits = max(1, MAX_BATCH_BYTES // first.nbytes)
+            raise ValueError(f"a batch of {args.batch_size} decoded {list(first.shape)} images takes "
+                             f"{batch_bytes / 2**20:,.0f} MiB (at most {MAX_BATCH_BYTES >> 20} MiB); pass --batch-size "
+                             f"{fits} or less, or --resolution to resize the images.")
         suite = MetricSuite(args.metrics, None, num_samples=num_images, batch_size=args.batch_size,
                             device=args.device, inception=args.inception, inception_mode=args.inception_mode,
                             dinov2=args.dinov2, image_shape=first.shape)

@@ -11,6 +11,7 @@ from typing import Optional
 def main(argv=None) -> Optional[Path]:
     """Console entry; bad input exits with code 2 and one line on stderr, before anything is written. With `--plan`
     it prints the memory plan of the launch instead (`sida-plan`) and trains nothing."""
+    from sida_diffusers.cli import INPUT_ERRORS
     from sida_diffusers.training import SiDATrainer, parse_args
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -21,10 +22,13 @@ def main(argv=None) -> Optional[Path]:
         return None
     try:
         trainer = SiDATrainer(parse_args(argv))  # every input check runs here, before any training
-    except (ValueError, FileNotFoundError) as error:
-        print(f"train_sida: error: {error}", file=sys.stderr)
+    except INPUT_ERRORS as error:  # a flag, a file, or a teacher that cannot be downloaded: one line
+        print(f"train_sida: error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    return trainer.train()
+    pipeline_dir = trainer.train()
+    if trainer.push_error:  # training and the local pipeline are done; the one line saying so is printed
+        raise SystemExit(1)
+    return pipeline_dir
 
 
 if __name__ == "__main__":

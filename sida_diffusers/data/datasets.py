@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -22,9 +23,21 @@ import torch
 from sida_diffusers.data.image_files import MAX_CLASSES, Archive, archive_labels, image_array, open_image
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, encode_latents  # noqa: F401 (re-exported)
 from sida_diffusers.safe_io.files import read_npy
+from sida_diffusers.safe_io.paths import check_regular_file
 
 
 # ---- the dataset -----------------------------------------------------------------------------------------------------
+
+MAX_RESOLUTION = 4096  # resolution= resizes every image to this side; 4096^2 RGB is 48 MiB per image
+
+
+def cache_budget() -> int:
+    """Bytes a dataset may hold in memory: half of the machine's physical memory (16 GiB where that is unknown)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
 
 class TrainingDataset(torch.utils.data.Dataset):
     """Items of one source, addressed by index: ``dataset[i] -> (array, label)`` with label a class index or -1.
@@ -45,6 +58,7 @@ class TrainingDataset(torch.utils.data.Dataset):
         resolution: Optional[int] = None,   # required height and width; None accepts the data's own
         max_size: Optional[int] = None,     # keep a fixed random subset of this many items (seed 0, as EDM)
         cache: bool = True,                 # read everything into memory now (False: read on demand)
+        cache_limit: Optional[int] = None,  # cache only up to this many bytes (default: half the machine's memory)
     ):
         num_raw = len(item_names)
         if num_raw == 0:
@@ -90,6 +104,13 @@ class TrainingDataset(torch.utils.data.Dataset):
         self.label_dim = 0 if self._labels is None else max(int(self._labels.max()) + 1, len(self.id2label or {}))
 
         self._cache = None
+        total = len(self._raw_idx) * first.nbytes
+        if cache and total > (cache_budget() if cache_limit is None else cache_limit):
+            if cache_limit is None:  # a caller's own limit is a choice; the machine's is worth a word
+                warnings.warn(f"{name}: {len(self._raw_idx):,} items of {first.nbytes:,} bytes would take "
+                              f"{total / 2**30:.1f} GiB in memory, more than half of this machine's; reading them on "
+                              "demand instead (pass resolution= / --resolution to store smaller images).", stacklevel=2)
+            cache = False
         if cache:
             self._cache = np.empty((len(self._raw_idx), *self.item_shape), dtype=first.dtype)
             for start in range(0, len(self._raw_idx), 1024):
@@ -147,7 +168,8 @@ class TrainingDataset(torch.utils.data.Dataset):
 
 # ---- Hugging Face datasets -------------------------------------------------------------------------------------------
 
-def _from_hf(ds, name, resolution, image_column, label_column, use_labels, max_size, cache) -> TrainingDataset:
+def _from_hf(ds, name, resolution, image_column, label_column, use_labels, max_size, cache,
+             cache_limit=None) -> TrainingDataset:
     import datasets
 
     features = ds.features
@@ -182,7 +204,7 @@ def _from_hf(ds, name, resolution, image_column, label_column, use_labels, max_s
     read = lambda rows: [image_array(image, resolution, f"{name} row {i}")
                          for i, image in zip(rows, images[rows][image_column])]
     return TrainingDataset(name, read, [f"row {i}" for i in range(len(ds))], labels, id2label, False, resolution,
-                           max_size, cache)
+                           max_size, cache, cache_limit)
 
 
 def _load_hf(source: str, cache_dir):
@@ -213,7 +235,7 @@ def _load_hf(source: str, cache_dir):
 
 # ---- image folders, EDM zips and EDM2 latents ------------------------------------------------------------------------
 
-def _from_archive(path: Path, resolution, use_labels, max_size, cache) -> TrainingDataset:
+def _from_archive(path: Path, resolution, use_labels, max_size, cache, cache_limit=None) -> TrainingDataset:
     archive = Archive(path)
     PIL.Image.init()
     images = [n for n in archive.names if os.path.splitext(n)[1].lower() in PIL.Image.EXTENSION]
@@ -235,7 +257,7 @@ def _from_archive(path: Path, resolution, use_labels, max_size, cache) -> Traini
 
     return TrainingDataset(str(path), lambda rows: [read_one(i) for i in rows], files, labels, id2label, bool(latents),
                            resolution, max_size,
-                           cache=(not latents) if cache is None else cache)
+                           cache=(not latents) if cache is None else cache, cache_limit=cache_limit)
 
 
 # ---- the entry point -------------------------------------------------------------------------------------------------
@@ -249,13 +271,17 @@ def build_dataset(
     max_size: Optional[int] = None,          # keep a fixed random subset of this many items
     cache_dir: Optional[str] = None,         # Hugging Face datasets cache for Hub downloads
     cache: Optional[bool] = None,            # hold all items in memory; default: pixels yes, latents no
+    cache_limit: Optional[int] = None,       # ... unless they take more bytes (default: half the machine's memory)
 ) -> TrainingDataset:
     """Open any supported training source as a `TrainingDataset` (see the module docstring for the sources)."""
     import datasets
 
     keep = True if cache is None else cache
+    if resolution is not None and not (isinstance(resolution, int) and 1 <= resolution <= MAX_RESOLUTION):
+        raise ValueError(f"resolution must be an integer from 1 to {MAX_RESOLUTION} pixels, got {resolution!r}.")
     if isinstance(source, datasets.Dataset):
-        return _from_hf(source, "dataset", resolution, image_column, label_column, use_labels, max_size, keep)
+        return _from_hf(source, "dataset", resolution, image_column, label_column, use_labels, max_size, keep,
+                        cache_limit)
     source = os.fspath(source) if isinstance(source, os.PathLike) else source
     if not isinstance(source, str) or not source:
         raise ValueError(f"source must be 'digits', a path, a Hugging Face dataset id or a datasets.Dataset, got "
@@ -264,15 +290,17 @@ def build_dataset(
         from sida_diffusers.data.digits import DIGITS_RESOLUTION, load_digits_dataset
 
         ds = load_digits_dataset(resolution or DIGITS_RESOLUTION)
-        return _from_hf(ds, "digits", None, image_column, label_column, use_labels, max_size, keep)
+        return _from_hf(ds, "digits", None, image_column, label_column, use_labels, max_size, keep, cache_limit)
     saved = Path(source if os.path.exists(source) else source.rsplit(":", 1)[0])  # "folder:split" names a split
     if (saved / "state.json").is_file() or (saved / "dataset_dict.json").is_file():
         return _from_hf(_load_hf(source, cache_dir), source, resolution, image_column, label_column, use_labels,
-                        max_size, keep)
+                        max_size, keep, cache_limit)
     if os.path.exists(source):
-        return _from_archive(Path(source), resolution, use_labels, max_size, cache)
+        if not os.path.isdir(source):
+            check_regular_file(source, "training data")  # /dev/zero or a pipe would be read without end
+        return _from_archive(Path(source), resolution, use_labels, max_size, cache, cache_limit)
     if source.startswith(("/", "./", "../", "~")) or source.lower().endswith(".zip"):
         raise FileNotFoundError(f"dataset path {source!r} does not exist; check the path (or pass 'digits' or a "
                                 f"Hugging Face dataset id such as 'uoft-cs/cifar10').")
     return _from_hf(_load_hf(source, cache_dir), source, resolution, image_column, label_column, use_labels, max_size,
-                    keep)
+                    keep, cache_limit)

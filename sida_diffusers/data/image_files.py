@@ -18,11 +18,13 @@ from typing import Optional
 import numpy as np
 import PIL.Image
 
-from sida_diffusers.safe_io.files import check_image_size, read_json, read_zip_member
+from sida_diffusers.safe_io.files import check_image_size, read_bytes, read_json, read_zip_member
+from sida_diffusers.safe_io.paths import open_regular
 
 
 MAX_ITEM_BYTES = 256 << 20    # one encoded image, .npy latent or dataset.json (ImageNet's is ~60 MB)
 MAX_CLASSES = 100_000         # ImageNet-21k has 21,841; one-hot labels are [batch, classes]
+MAX_LABEL_VALUES = 8 << 20    # JSON values of dataset.json: 3 per labelled file, ImageNet-1k's 1.28 M need 3.8 M
 
 
 # ---- images ----------------------------------------------------------------------------------------------------------
@@ -78,9 +80,11 @@ class Archive:
             self._zip = None
             self.names = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file())
         else:
+            file = open_regular(path, "training data")  # not /dev/zero, a pipe or a socket
             try:
-                self._zip = zipfile.ZipFile(path)
-            except zipfile.BadZipFile as err:
+                self._zip = zipfile.ZipFile(file)
+            except (zipfile.BadZipFile, OSError) as err:
+                file.close()
                 raise ValueError(f"{path} is not a readable zip ({err}); rebuild it with dataset_tool.py.") from err
             self.names = sorted(n for n in self._zip.namelist() if not n.endswith("/"))
 
@@ -89,20 +93,14 @@ class Archive:
         where = f"{self.path}/{name}"
         if self._zip is not None:
             return read_zip_member(self._zip, name, where, MAX_ITEM_BYTES)
-        size = (self.path / name).stat().st_size
-        with open(self.path / name, "rb") as f:
-            data = f.read(MAX_ITEM_BYTES + 1) if size <= MAX_ITEM_BYTES else b""  # capped: the file may still grow
-        if max(size, len(data)) > MAX_ITEM_BYTES:
-            raise ValueError(f"{where} is {max(size, len(data)):,} bytes, more than the {MAX_ITEM_BYTES:,} one "
-                             "training item may take.")
-        return data
+        return read_bytes(self.path / name, MAX_ITEM_BYTES, "one training item may take")  # capped: the file may still grow
 
 
 def archive_labels(archive: Archive, files: list[str]):
     """Class labels of ``files`` and their names: from dataset.json if present (EDM/EDM2), else class sub-folders."""
     if "dataset.json" in archive.names:
-        table = _label_table(read_json(archive.read("dataset.json"), f"{archive.path}/dataset.json"),
-                             f"{archive.path}/dataset.json")
+        table = _label_table(read_json(archive.read("dataset.json"), f"{archive.path}/dataset.json",
+                                       max_nodes=MAX_LABEL_VALUES), f"{archive.path}/dataset.json")
         if table is None:
             return None, None
         missing = [f for f in files if f not in table]

@@ -19,12 +19,12 @@ from sida_diffusers.evaluation.suite import (
                                              register_feature_metric,
                                              result_keys,
 )
-from sida_diffusers.evaluation.tracking import BestTracker, append_metrics_jsonl, plot_metric_curve
+from sida_diffusers.evaluation.tracking import BestTracker, append_metrics_jsonl, plot_curves
 
 
 __all__ = [
     "BestTracker", "DINOv2Features", "InceptionFeatures", "MetricSuite", "Reference", "append_metrics_jsonl",
     "available_metrics", "count_tag", "evaluate_repeats", "feature_statistics", "frechet_distance", "inception_score",
-    "kernel_inception_distance", "load_reference", "parse_result_key", "pipeline_sample_fn", "plot_metric_curve",
+    "kernel_inception_distance", "load_reference", "parse_result_key", "pipeline_sample_fn", "plot_curves",
     "precision_recall", "register_feature_metric", "resolve_inception_path", "result_keys", "save_reference", "to_rgb",
 ]

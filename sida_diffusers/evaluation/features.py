@@ -13,17 +13,16 @@ Every extractor exposes ``feature_dim`` so ``MetricSuite.validate`` can check re
 from __future__ import annotations
 
 import os
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sida_diffusers.safe_io.paths import check_regular_file
+
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
-# clean-fid hard-codes where it keeps the weights (cleanfid/features.py); we look there and download there too.
-CLEANFID_INCEPTION_PATH = Path("./" if platform.system() == "Windows" else "/tmp") / "inception-2015-12-05.pt"
 INCEPTION_MODES = ("legacy_tensorflow", "clean")
 DINOV2_DEFAULT = "facebook/dinov2-large"
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,25 +36,45 @@ def to_rgb(x: torch.Tensor) -> torch.Tensor:
     return x.float().expand(-1, 3, -1, -1) if x.shape[1] == 1 else x.float()
 
 
+def check_private(path: Path) -> None:
+    """`path` and its folder must belong to this user (or root) and not be writable by every user.
+
+    A TorchScript file is code: `torch.jit.load` runs whatever graph it holds. The file we load by default must
+    therefore be one nobody else can have planted or replaced (clean-fid's own default, /tmp/inception-2015-12-05.pt,
+    sits in a folder every local user can write to, so we never read it).
+    """
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    for item in (path, path.parent):
+        st = item.stat()
+        if uid is not None and st.st_uid not in (uid, 0):
+            raise ValueError(f"{item} belongs to another user (uid {st.st_uid}); the default Inception weights are "
+                             "only loaded from a folder of yours. Remove it, or pass --inception PATH.")
+        if st.st_mode & 0o002:
+            raise ValueError(f"{item} is writable by every user (mode {oct(st.st_mode & 0o777)}), so anyone could "
+                             f"have replaced the Inception weights; `chmod o-w {item}`, or pass --inception PATH.")
+
+
 def resolve_inception_path(path: str | os.PathLike | None = None) -> Path:
-    """Path of ``inception-2015-12-05.pt``: ``path`` if given, else clean-fid's location (downloaded if absent)."""
+    """Path of ``inception-2015-12-05.pt``: ``path`` if given (the user's own file), else our download cache
+    (``$SIDA_CACHE`` or ~/.cache/sida_diffusers), downloaded there once and loaded only if no other user can write
+    to it (`check_private`)."""
     if path is not None:
         path = Path(path).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"Inception weights not found at {path}; download {INCEPTION_URL} and pass its "
                                     "path (--inception PATH).")
+        check_regular_file(path, "the Inception weights")
         return path
-    if not CLEANFID_INCEPTION_PATH.is_file():
-        from cleanfid.downloads_helper import check_download_inception
+    from sida_diffusers.pretrained import cached_download
 
-        try:
-            check_download_inception(fpath=str(CLEANFID_INCEPTION_PATH.parent))
-        except OSError as e:
-            CLEANFID_INCEPTION_PATH.unlink(missing_ok=True)  # clean-fid leaves a truncated file behind on failure
-            raise FileNotFoundError(f"Inception weights are not at {CLEANFID_INCEPTION_PATH} and downloading "
-                                    f"{INCEPTION_URL} failed ({e}); fetch that file on a machine with network and "
-                                    f"pass its path (--inception PATH) or copy it to {CLEANFID_INCEPTION_PATH}.") from e
-    return CLEANFID_INCEPTION_PATH
+    try:
+        cached = cached_download(INCEPTION_URL)
+    except OSError as e:
+        raise FileNotFoundError(f"Inception weights are not in the sida_diffusers cache and downloading "
+                                f"{INCEPTION_URL} failed ({e}); fetch that file on a machine with network and pass "
+                                "its path (--inception PATH), or set $SIDA_CACHE to a folder that holds it.") from e
+    check_private(cached)
+    return cached
 
 
 class InceptionFeatures(torch.nn.Module):

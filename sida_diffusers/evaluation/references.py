@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sida_diffusers.safe_io.files import load_npz
+from sida_diffusers.safe_io.files import load_npz, read_json
 from sida_diffusers.safe_io.pickles import load_arrays_pickle
 
 
@@ -46,11 +46,18 @@ def _entry(fields: dict, where: str) -> dict:
     for key, value in fields.items():
         if key in FIELDS:
             # Arrays or numbers only: nested lists would let a pickle share one list many times over (memo).
-            if not isinstance(value, (np.ndarray, int, float)):
-                raise ValueError(f"{where}[{key!r}] is a {type(value).__name__}, not a numeric array.")
+            if not isinstance(value, (np.ndarray, int, float)) or np.asarray(value).dtype.kind not in "biuf":
+                kind = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+                raise ValueError(f"{where}[{key!r}] is {str(kind)[:40]}, not a numeric array.")
             out[key] = np.asarray(value, dtype=np.float64 if key != "features" else np.float32)
     if not out:
         raise ValueError(f"{where} holds none of {FIELDS}; it is not a reference-statistics file.")
+    mu, sigma, features = (out.get(k) for k in FIELDS)
+    square = sigma is None or (sigma.ndim == 2 and sigma.shape[0] == sigma.shape[1])
+    if (mu is not None and mu.ndim != 1) or not square or (features is not None and features.ndim != 2):
+        shapes = {k: list(v.shape) for k, v in out.items()}
+        raise ValueError(f"{where} holds arrays of shapes {shapes}; a reference has mu [D], sigma [D, D] and "
+                         "features [N, D].")
     return out
 
 
@@ -65,10 +72,9 @@ def _load_npz(path: Path) -> Reference:
         if name and field in FIELDS:
             entries.setdefault(name, {})[field] = value
     try:
-        meta = json.loads(str(data["meta"]))
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: its 'meta' entry is not JSON ({type(e).__name__}); write the file again with "
-                         "sida-ref-stats.") from None
+        meta = read_json(str(data["meta"]).encode(), f"{path}[meta]")  # bounded in values and nesting
+    except ValueError as e:
+        raise ValueError(f"{e} Write the file again with sida-ref-stats.") from None
     labels = data.get("labels")
     if not isinstance(meta, dict) or (labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu")):
         raise ValueError(f"{path}: 'meta' must be a JSON object and 'labels' a 1-d integer array; write the file "

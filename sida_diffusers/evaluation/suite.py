@@ -94,10 +94,10 @@ def parse_result_key(key: str) -> tuple[str, int]:
 class MetricSuite:
     """Computes ``metrics`` on ``num_samples`` generated images against ``reference`` (see ``load_reference``).
 
-    ``inception``: path of ``inception-2015-12-05.pt`` or a module (default: clean-fid's location, downloaded if
-    online); ``dinov2``: ``Dinov2Model`` folder / Hub id or a module; ``extractors``: ``{metric_name: module}``
-    adding or overriding custom Fréchet metrics; ``image_shape`` ``(C,H,W)`` lets ``validate`` probe extractors that have no
-    ``feature_dim`` attribute. ``validate()`` raises on every bad input before any image is generated.
+    ``inception``: path of ``inception-2015-12-05.pt`` or a module (default: our download cache, ``$SIDA_CACHE`` or
+    ~/.cache/sida_diffusers, see ``resolve_inception_path``); ``dinov2``: ``Dinov2Model`` folder / Hub id or a module;
+    ``extractors``: ``{metric_name: module}`` adding or overriding custom Fréchet metrics; ``image_shape``
+    ``(C,H,W)`` lets ``validate`` probe extractors that have no ``feature_dim`` attribute. ``validate()`` raises on every bad input before any image is generated.
     """
 
     def __init__(self, metrics, reference: str | os.PathLike | Reference | None = None, num_samples: int = 50000,

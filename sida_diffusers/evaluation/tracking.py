@@ -58,11 +58,13 @@ def append_metrics_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def plot_metric_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, metrics=None,
-                      baselines: Optional[dict] = None) -> Path:
-    """Plot every numeric field (or only ``metrics``) of a metrics JSONL against ``kimg``; one panel per metric.
+def plot_curves(jsonl_path: str | os.PathLike, png_path: str | os.PathLike, names=None,
+                baselines: Optional[dict] = None, label: Optional[str] = "one-step generator (EMA)") -> Path:
+    """The one plotter of a run's logs: every numeric field of a JSONL log (or only `names`) against ``kimg``, one
+    panel per field; the metric curve (metrics.jsonl) and the loss curves (stats.jsonl) are both drawn here.
 
-    ``baselines`` maps a metric to ``(value, label)``, drawn as a dashed line (e.g. the teacher's multi-step value).
+    ``baselines`` maps a field to ``(value, label)``, drawn as a dashed line (e.g. the teacher's multi-step value);
+    `label` names the curve in the legend (None: no legend, as for losses).
     """
     import matplotlib
 
@@ -71,18 +73,20 @@ def plot_metric_curve(jsonl_path: str | os.PathLike, png_path: str | os.PathLike
 
     records = [json.loads(line) for line in Path(jsonl_path).read_text().splitlines() if line.strip()]
     records = [r for r in records if "kimg" in r]
-    names = metrics or sorted({k for r in records for k, v in r.items()
-                               if k != "kimg" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    numeric = sorted({k for r in records for k, v in r.items()
+                      if k != "kimg" and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    names = [n for n in names if n in numeric] if names is not None else numeric
     if not names:
-        raise ValueError(f"{jsonl_path} has no records with 'kimg' and a numeric metric to plot.")
+        raise ValueError(f"{jsonl_path} has no records with 'kimg' and a numeric field to plot.")
     fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.5 * len(names)), squeeze=False)
     for ax, name in zip(axes[:, 0], names):
         points = [(r["kimg"], r[name]) for r in records if name in r]
         if points:
-            ax.plot(*zip(*points), marker="o", label="one-step generator (EMA)")
+            ax.plot(*zip(*points), marker="o" if label else None, label=label)
         if name in (baselines or {}):
-            value, label = baselines[name]
-            ax.axhline(value, color="k", ls="--", label=label)
+            value, baseline_label = baselines[name]
+            ax.axhline(value, color="k", ls="--", label=baseline_label)
+        if label or name in (baselines or {}):
             ax.legend()
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)

@@ -116,6 +116,6 @@ class EDM2Precond(Denoiser):
         """Forced weight normalisation of every MPConv, in place under no_grad (Equation 66).
 
         The official MPConv does this inside every training-mode forward; here forward never writes weights, so
-        the trainer calls this once per network per phase, before its first forward (ALGORITHM.md §1.3, §10.13).
+        the trainer calls this once per network per phase, before its first forward (ALGORITHM.md §1.3, §10 item 13).
         """
         return normalize_mpconv_weights_(self)

@@ -1,4 +1,4 @@
-"""Sampling pipelines: the one-step SiDAPipeline and the teacher's EDM Heun sampler."""
+"""Sampling pipelines: the one-step SiDAPipeline, the teacher's EDM Heun sampler, and sample grids."""
 
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.pipelines.edm_sampler import (
@@ -9,10 +9,10 @@ from sida_diffusers.pipelines.edm_sampler import (
     heun_nfe,
     karras_sigmas,
 )
+from sida_diffusers.pipelines.grids import GRID_MIN_WIDTH, grid_image, image_grid, sample_grid, upscale_nearest
 from sida_diffusers.pipelines.pipeline_sida import (
     EDMFamilyPipeline,
     SiDAPipeline,
-    image_grid,
     np_to_uint8,
     seed_generators,
     seed_noise,
@@ -26,14 +26,18 @@ __all__ = [
     "EDMFamilyPipeline",
     "EDMHeunPipeline",
     "EDMHeunPipelineOutput",
+    "GRID_MIN_WIDTH",
     "HEUN_PRESETS",
     "SiDAPipeline",
     "edm_sampler",
+    "grid_image",
     "heun_nfe",
     "image_grid",
     "karras_sigmas",
     "np_to_uint8",
+    "sample_grid",
     "seed_generators",
     "seed_noise",
     "uint8_to_pil",
+    "upscale_nearest",
 ]

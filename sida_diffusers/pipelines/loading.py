@@ -14,13 +14,19 @@ from typing import Iterable, Optional
 from diffusers import AutoencoderKL
 
 from sida_diffusers.networks import denoiser_classes
-from sida_diffusers.pipelines.publishing import PublishingMixin, package_denoiser_module
+from sida_diffusers.pipelines.publishing import (
+    MAX_INDEX_BYTES,
+    PUBLISHED_FILES,
+    PublishingMixin,
+    package_denoiser_module,
+)
 from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
 from sida_diffusers.safe_io.files import read_json
-from sida_diffusers.safe_io.model_files import MAX_CONFIG_BYTES, check_model_folder
+from sida_diffusers.safe_io.model_files import MODEL_FOLDER_FILES, check_model_folder
+from sida_diffusers.safe_io.paths import check_folder_files, folder_root, inside_folder
 
 
-__all__ = ["allowed_components", "check_pipeline_folder"]
+__all__ = ["allowed_components", "check_pipeline_folder", "download_patterns"]
 
 _ABSENT = (None, None)  # how model_index.json records an optional component that was not saved
 
@@ -36,14 +42,26 @@ def _is_component_entry(entry) -> bool:
     return isinstance(entry, (list, tuple)) and len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry)
 
 
+def download_patterns(pipeline_cls) -> list:
+    """What a Hub download of a `pipeline_cls` folder fetches (`snapshot_download(allow_patterns=...)`): the files it
+    reads (model_index.json, the card, grid and run_info, each component's config and safetensors weights), nothing
+    else a repository may hold."""
+    components, _ = pipeline_cls._get_signature_keys(pipeline_cls)
+    return ["model_index.json", *PUBLISHED_FILES, *(f"{name}/{file}" for name in sorted(components)
+                                                   for file in MODEL_FOLDER_FILES)]
+
+
 def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = (), variant: Optional[str] = None):
     """Refuse a folder that names another pipeline, custom code, or components other than those of `pipeline_cls`
-    with allowed classes; check each component that will be loaded (not in `passed`) against its weights."""
+    with allowed classes; check each component that will be loaded (not in `passed`) against its weights. No file
+    that is read may be a link out of the folder (for a Hugging Face cache snapshot, out of its repository folder)."""
+    root = folder_root(folder)
     index_file = folder / "model_index.json"
     if not index_file.is_file():
         raise FileNotFoundError(f"{folder} has no model_index.json; pass a folder written by save_pretrained / "
                                 "export_pipeline, or its Hub repo id.")
-    index = read_json(index_file, max_bytes=MAX_CONFIG_BYTES)
+    check_folder_files(folder, ["model_index.json", *PUBLISHED_FILES], root)
+    index = read_json(index_file, max_bytes=MAX_INDEX_BYTES)  # the id2label of ImageNet-21k is a few MB
     class_name = index.get("_class_name") if isinstance(index, dict) else None
     remote_layout = issubclass(pipeline_cls, PublishingMixin)  # its load_config maps the remote-code entries
     if remote_layout and _is_component_entry(class_name) and class_name[0] == STANDALONE_MODULE:
@@ -73,4 +91,7 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
         if (folder / name / f"{entry[0]}.py").exists():  # Diffusers would import this file as the component's code
             raise ValueError(f"{folder / name} ships code ({entry[0]}.py); sida_diffusers never imports code from a "
                              "pipeline folder. Remove the file.")
-        check_model_folder(allowed[tuple(entry)], folder / name, variant)
+        if (folder / name).is_dir():
+            inside_folder(folder / name, root)
+            check_folder_files(folder / name, sorted(p.name for p in (folder / name).iterdir()), root)
+        check_model_folder(allowed[tuple(entry)], folder / name, variant, root)

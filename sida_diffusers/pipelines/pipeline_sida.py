@@ -8,6 +8,7 @@ latent decode and the exact uint8 conversion, and Hub loading for our third-part
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -21,7 +22,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
-from sida_diffusers.pipelines.loading import check_pipeline_folder
+from sida_diffusers.pipelines.conventions import PipelineConventionsMixin
+from sida_diffusers.pipelines.loading import check_pipeline_folder, download_patterns
 from sida_diffusers.pipelines.publishing import PublishingMixin
 from sida_diffusers.schedule import INIT_SIGMA
 
@@ -29,7 +31,7 @@ from sida_diffusers.schedule import INIT_SIGMA
 # Diffusers 0.42 resolves a component library named in model_index.json only through `sys.modules`
 # (`pipeline_loading_utils._get_library_or_raise`): importing sida_diffusers.networks registers our denoiser modules.
 
-OUTPUT_TYPES = ("pil", "np", "pt")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 GeneratorLike = Union[torch.Generator, Sequence[torch.Generator], None]
 LabelsLike = Union[int, str, Sequence[Union[int, str]], torch.Tensor, np.ndarray, None]
@@ -59,18 +61,6 @@ def check_label_pool(label_pool, label_dim: int) -> torch.Tensor:
     return pool
 
 
-def image_grid(images: Sequence[PIL.Image.Image], cols: Optional[int] = None) -> PIL.Image.Image:
-    """Tile equally sized images row by row: ceil(sqrt(n)) columns by default, the last row padded with black."""
-    if not images:
-        raise ValueError("image_grid needs at least one image.")
-    cols = cols or math.ceil(math.sqrt(len(images)))
-    width, height = images[0].size
-    grid = PIL.Image.new(images[0].mode, (cols * width, math.ceil(len(images) / cols) * height))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % cols) * width, (i // cols) * height))
-    return grid
-
-
 def uint8_to_pil(images: np.ndarray) -> list:
     """uint8 images [N, H, W, C] -> PIL images ("L" for one channel, "RGB" for three)."""
     return [PIL.Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in images]
@@ -94,7 +84,44 @@ def _as_generators(generator: GeneratorLike, batch_size: int):
     return generator
 
 
-class EDMFamilyPipeline(DiffusionPipeline):
+MAX_LABELS = 100_000  # class names a pipeline may carry (ImageNet-21k has 21,841)
+
+
+def _is_index(key) -> bool:
+    return (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit()
+                                                                      and len(key) < 7)
+
+
+def _check_id2label(id2label) -> Optional[dict]:
+    """`id2label` as ``{int: str}``; JSON (config.json, Hub round trips) turns the int keys into strings."""
+    if id2label is None:
+        return None
+    if not isinstance(id2label, dict) or len(id2label) > MAX_LABELS:
+        what = f"dict of {len(id2label):,} entries" if isinstance(id2label, dict) else type(id2label).__name__
+        raise ValueError(f"id2label must be a dict {{class index: name}} of at most {MAX_LABELS:,} classes, got a "
+                         f"{what}; fix the pipeline's model_index.json (or pass id2label=None).")
+    bad = [k for k, v in id2label.items() if not (_is_index(k) and isinstance(v, str))]
+    if bad:
+        raise ValueError(f"id2label must map class indices to names; its entry {str(bad[0])[:40]!r} does not. Fix "
+                         "the pipeline's model_index.json.")
+    return {int(k): v for k, v in id2label.items()}
+
+
+def _check_floats(name: str, values) -> Optional[list]:
+    """A per-channel latent constant as a list of finite floats (config.json holds plain lists)."""
+    if values is None:
+        return None
+    try:
+        values = [float(c) for c in (values.tolist() if torch.is_tensor(values) else values)]
+    except (TypeError, ValueError):
+        values = None
+    if values is None or not 0 < len(values) <= 64 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be a short list of finite numbers (one per latent channel, ALGORITHM.md §6.1); "
+                         "fix the pipeline's model_index.json.")
+    return values
+
+
+class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
     """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` (`unet`) with an optional `vae`."""
 
     model_cpu_offload_seq = "unet->vae"
@@ -108,10 +135,9 @@ class EDMFamilyPipeline(DiffusionPipeline):
             )
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
-        # JSON (config.json, Hub round trips) turns the int keys into strings: store them as ints again.
-        id2label = None if id2label is None else {int(k): str(v) for k, v in dict(id2label).items()}
-        # config.json holds plain lists (the constants of sida_diffusers.latents are tensors)
-        latent_scale, latent_bias = (None if v is None else [float(c) for c in v] for v in (latent_scale, latent_bias))
+        id2label = _check_id2label(id2label)
+        latent_scale, latent_bias = (_check_floats(name, v) for name, v in (("latent_scale", latent_scale),
+                                                                            ("latent_bias", latent_bias)))
         self.register_modules(unet=unet, vae=vae)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
         # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
@@ -122,7 +148,8 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
     @classmethod
     def download(cls, pretrained_model_name, **kwargs) -> str:
-        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`.
+        """Fetch a Hub snapshot with `huggingface_hub.snapshot_download`, restricted to the files this pipeline reads
+        (`pipelines.loading.download_patterns`).
 
         Diffusers' own `download` rejects component classes from third-party packages unless the repo ships their
         source in the repo; loading from the local snapshot then resolves `sida_diffusers.*` classes.
@@ -136,7 +163,9 @@ class EDMFamilyPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"{pretrained_model_name} is neither an existing pipeline folder nor a Hub repo id "
                                     "('owner/name'); check the path.") from None
         keys = ("cache_dir", "force_download", "local_files_only", "token", "revision")
-        return snapshot_download(pretrained_model_name, **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
+        # Only the files a pipeline folder is read from: a repository may hold anything else (code, pickles, data).
+        return snapshot_download(pretrained_model_name, allow_patterns=download_patterns(cls),
+                                 **{k: kwargs[k] for k in keys if kwargs.get(k) is not None})
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -254,7 +283,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
 
     # ---- noise -------------------------------------------------------------------------------------------------
     def check_common_inputs(self, batch_size: int, output_type: str, generator: GeneratorLike):
-        if not isinstance(batch_size, int) or batch_size < 1:
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}.")
@@ -290,8 +319,11 @@ class EDMFamilyPipeline(DiffusionPipeline):
         Latent models: vae.decode((x - bias) / scale) is an image in [0, 1]; uint8 = clamp(0, 1)*255, truncated
         (ALGORITHM.md §6.1). "pil" -> list of PIL images ("L" for one channel); "np" -> float32 array [N, H, W, C]
         in [0, 1] as in Diffusers, equal to uint8 / 255 so that `np_to_uint8` (round(x*255)) gives EDM's bytes back;
-        "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation.
+        "pt" -> float tensor [N, C, H, W] in [0, 1] before quantisation; "latent" -> the network output x itself
+        (EDM2: the normalised latents, before the VAE; pixel models: the image in [-1, 1]).
         """
+        if output_type == "latent":
+            return x
         if self.config.latent_scale is not None:
             image = decode_latents(self.vae, x, self.config.latent_scale, self.config.latent_bias)
             uint8 = unit_to_uint8(image)
@@ -305,7 +337,7 @@ class EDMFamilyPipeline(DiffusionPipeline):
         return array.astype(np.float32) / 255 if output_type == "np" else uint8_to_pil(array)
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10.8)."""
+        """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10 item 8)."""
         unet = self.unet
         augment = torch.zeros(z.shape[0], unet.augment_dim, device=z.device) if unet.augment_dim else None
         sigma = torch.full((z.shape[0], 1, 1, 1), float(sigma), device=z.device)
@@ -338,8 +370,13 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         latent_bias: Optional[list] = None,   # EDM2: per-channel latent bias (§6.1)
     ):
         super().__init__()
-        if not float(init_sigma) > 0:
-            raise ValueError(f"init_sigma must be positive (the official value is {INIT_SIGMA}), got {init_sigma}.")
+        try:
+            valid = not isinstance(init_sigma, (bool, str)) and 0 < float(init_sigma) < math.inf
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise ValueError(f"init_sigma must be positive and finite (the official value is {INIT_SIGMA}), got "
+                             f"{str(init_sigma)[:40]} (in model_index.json when the pipeline was loaded).")
         self._register_common(unet, vae, id2label, latent_scale, latent_bias)
         self.register_to_config(init_sigma=float(init_sigma))
 
@@ -354,6 +391,8 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         label_pool: Optional[Sequence[int]] = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
         r"""Generate `batch_size` images.
 
@@ -369,13 +408,17 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
             num_inference_steps: 1 is the one-step generator. K > 1 re-noises with sigma_k = init_sigma (K-k)/K and
                 re-applies the generator (ALGORITHM.md §2 multistep option).
             output_type: "pil", "np" (float32 `[N, H, W, C]` in [0, 1], Diffusers' convention: the exact EDM uint8
-                image / 255, so `np_to_uint8(images)` gives its bytes) or "pt" (float `[N, C, H, W]` in [0, 1], not
-                quantised).
+                image / 255, so `np_to_uint8(images)` gives its bytes), "pt" (float `[N, C, H, W]` in [0, 1], not
+                quantised) or "latent" (the generator's output before decoding: EDM2's normalised latents).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             label_pool: with `class_labels=None`, draw each image's label from these class labels (e.g. the training
                 set's, as the paper's evaluation does) instead of uniformly over the classes.
+            callback_on_step_end: called as `callback(pipe, step, sigma, callback_kwargs)` after each generator
+                evaluation (Diffusers' convention); `callback_kwargs` holds `callback_on_step_end_tensor_inputs`
+                ("latents": the sample so far), and a "latents" entry of the returned dict replaces it.
         """
         generator = self.check_common_inputs(batch_size, output_type, generator)
+        callback, tensor_inputs = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
         device = self._execution_device
@@ -384,11 +427,13 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
         init_sigma = self.config.init_sigma
         x = self.run_generator(init_sigma * eps, init_sigma, labels)
+        x = self.step_end(callback, tensor_inputs, 0, init_sigma, x)
         steps = range(1, num_inference_steps)
         for k in self.progress_bar(steps) if num_inference_steps > 1 else steps:
             sigma_k = init_sigma * (num_inference_steps - k) / num_inference_steps
             noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
             x = self.run_generator(x + sigma_k * noise, sigma_k, labels)
+            x = self.step_end(callback, tensor_inputs, k, sigma_k, x)
 
         images = self.postprocess(x, output_type)
         self.maybe_free_model_hooks()

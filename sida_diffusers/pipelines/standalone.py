@@ -35,25 +35,51 @@ STANDALONE_SOURCES = (
     "sida_diffusers.schedule",
     "sida_diffusers.images",
     "sida_diffusers.latents",
+    "sida_diffusers.safe_io.paths",
+    "sida_diffusers.safe_io.files",
     "sida_diffusers.networks.base",
     "sida_diffusers.networks.edm_layers",
     "sida_diffusers.networks.edm",
     "sida_diffusers.networks.edm2",
     "sida_diffusers.networks.precond",
     "sida_diffusers.networks.precond_edm2",
+    "sida_diffusers.pipelines.conventions",
+    "sida_diffusers.pipelines.publishing",
     "sida_diffusers.pipelines.pipeline_sida",
 )
-# Package names the inlined code imports but the standalone module does without, with what stands in for them.
+# Package names the inlined code imports but the standalone module does without, with what stands in for them (text,
+# or a function that writes it). Publishing inlined: a pipeline that plain Diffusers loaded saves and pushes the same
+# folder as SiDAPipeline does, this very module as its standalone source.
 STAND_INS = {
     "check_pipeline_folder": (
         "def check_pipeline_folder(pipeline_cls, folder, passed=(), variant=None):\n"
         '    """Stand-in: sida_diffusers checks a folder before its own from_pretrained reads it; plain Diffusers,\n'
         '    which loads this module, reads the folder itself."""\n'
     ),
-    "PublishingMixin": (
-        "class PublishingMixin:\n"
-        '    """Stand-in: with sida_diffusers installed, save_pretrained / push_to_hub also write the model card,\n'
-        "    the sample grid and this standalone module; here Diffusers' own methods apply.\"\"\"\n"
+    "download_patterns": (
+        "def download_patterns(pipeline_cls):\n"
+        '    """Stand-in: sida_diffusers downloads only the files a pipeline folder is read from; plain Diffusers\n'
+        '    downloads the folder itself."""\n'
+        "    return None\n"
+    ),
+    "STANDALONE_MODULE": lambda: f"STANDALONE_MODULE = {STANDALONE_MODULE!r}\n",
+    "COMPONENT_MODULE": lambda: f"COMPONENT_MODULE = {COMPONENT_MODULE!r}\n",
+    "STANDALONE_SOURCES": "STANDALONE_SOURCES = (__name__,)  # stand-in: the denoiser classes are this module's\n",
+    "standalone_source": (
+        "def standalone_source():\n"
+        '    """Stand-in: the standalone module of a saved folder is this module itself."""\n'
+        '    return Path(__file__).read_text(encoding="utf-8")\n'
+    ),
+    "component_source": lambda: (
+        "def component_source():\n"
+        '    """Stand-in: the component module, as sida_diffusers wrote it."""\n'
+        f"    return {component_source()!r}\n"
+    ),
+    "denoiser_classes": (
+        "def denoiser_classes():\n"
+        '    """Stand-in: the public denoiser classes of this module."""\n'
+        "    return {name: obj for name, obj in sorted(globals().items()) if isinstance(obj, type)\n"
+        '            and issubclass(obj, Denoiser) and obj is not Denoiser and not name.startswith("_")}\n'
     ),
 }
 
@@ -175,7 +201,7 @@ class _Assembler:
             f"from {module} import " + ", ".join(n + (f" as {a}" if a else "") for n, a in sorted(names))
             for module, names in sorted(self.from_imports.items())]
         header = _HEADER.format(version=sida_diffusers.__version__)
-        stand_ins = [STAND_INS[name] for name in self.stand_ins]
+        stand_ins = [text() if callable(text) else text for text in (STAND_INS[name] for name in self.stand_ins)]
         return "\n\n".join([header + "\n".join(imports) + "\n", *stand_ins, *self.bodies])
 
 

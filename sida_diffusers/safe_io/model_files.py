@@ -20,9 +20,10 @@ from safetensors import SafetensorError, safe_open
 from torch.nn.modules import module as torch_module
 
 from sida_diffusers.safe_io.files import read_json
+from sida_diffusers.safe_io.paths import folder_root, inside_folder
 
 
-__all__ = ["build_within", "check_shapes", "safetensors_shapes", "check_model_folder"]
+__all__ = ["build_within", "check_shapes", "safetensors_shapes", "check_model_folder", "read_model_config"]
 
 MAX_CONFIG_BYTES = 1 << 20  # a config.json of ours is ~1 kB
 
@@ -98,14 +99,17 @@ def check_shapes(model: torch.nn.Module, shapes: dict, label: str, hint: str) ->
 # ---- Diffusers model folders -----------------------------------------------------------------------------------------
 
 _WEIGHTS = "diffusion_pytorch_model"
+# The files of a Diffusers model folder that are ever read (as Hub download patterns): nothing else is fetched.
+MODEL_FOLDER_FILES = ("config.json", f"{_WEIGHTS}*.safetensors", f"{_WEIGHTS}*.safetensors.index.json")
 
 
-def _weight_files(folder: Path, variant: Optional[str]) -> list:
+def _weight_files(folder: Path, variant: Optional[str], root: Path) -> list:
     stem = f"{_WEIGHTS}.{variant}" if variant else _WEIGHTS
     single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
     if single.is_file():
         return [single]
     if index.is_file():
+        inside_folder(index, root)
         weight_map = read_json(index, max_bytes=MAX_CONFIG_BYTES * 64)
         weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) and "/" not in v and "\\" not in v
@@ -131,21 +135,45 @@ def safetensors_shapes(files: list) -> dict:
     return shapes
 
 
-def check_model_folder(cls, folder: Path, variant: Optional[str] = None) -> None:
+# Keys of a config.json that make Diffusers do more than build the class (quantization needs a GPU backend and
+# loads other code paths); no folder of ours has them.
+REFUSED_CONFIG_KEYS = ("quantization_config",)
+
+
+def read_model_config(folder: Path, cls_name: Optional[str] = None, root: Optional[Path] = None) -> dict:
+    """`folder/config.json` as a dict: a regular file inside `root` (links out of the folder refused), bounded in
+    bytes, values and nesting, naming `cls_name` if given, without keys that would switch Diffusers to other loaders."""
+    path = Path(folder) / "config.json"
+    if not (path.is_file() or path.is_symlink()):
+        raise FileNotFoundError(f"{folder} has no config.json; pass a Diffusers model folder (config.json + "
+                                f"{_WEIGHTS}.safetensors).")
+    inside_folder(path, folder_root(folder) if root is None else root)
+    config = read_json(path, max_bytes=MAX_CONFIG_BYTES)
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not a model configuration (an object).")
+    if cls_name is not None and config.get("_class_name", cls_name) != cls_name:
+        raise ValueError(f"{path} describes a class {str(config.get('_class_name'))[:80]!r}, not a {cls_name}.")
+    refused = [key for key in REFUSED_CONFIG_KEYS if key in config]
+    if refused:
+        raise ValueError(f"{path} sets {refused[0]!r}, which sida_diffusers never writes and does not load "
+                         f"(quantized weights); remove the key or use the unquantized folder.")
+    return config
+
+
+def check_model_folder(cls, folder: Path, variant: Optional[str] = None, root: Optional[Path] = None) -> None:
     """Check that `cls.from_config(folder/config.json)` fits the folder's weights, building it on meta only.
 
     Raises FileNotFoundError when config.json or safetensors weights are missing, ValueError when the config does
-    not build or describes another network than the weights hold.
+    not build or describes another network than the weights hold, or when a file is a link out of `root` (default:
+    the folder, or the repository folder of a Hugging Face cache snapshot).
     """
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} has no config.json; pass a Diffusers model folder (config.json + "
-                                f"{_WEIGHTS}.safetensors).")
+    root = folder_root(folder) if root is None else root
     label = f"{folder}/config.json"
-    config = read_json(folder / "config.json", max_bytes=MAX_CONFIG_BYTES)
-    if not isinstance(config, dict) or config.get("_class_name", cls.__name__) != cls.__name__:
-        what = f"class {config.get('_class_name')!r}" if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{label} describes a {what}, not a {cls.__name__}.")
-    shapes = safetensors_shapes(_weight_files(folder, variant))
+    config = read_model_config(folder, cls.__name__, root)
+    files = _weight_files(folder, variant, root)
+    for file in files:
+        inside_folder(file, root)
+    shapes = safetensors_shapes(files)
     model = build_within(lambda: cls.from_config(config), shapes, label)
     check_shapes(model, shapes, label, "**config.json")

@@ -5,10 +5,9 @@ them; unpickling one with the official code *executes* that source (ALGORITHM.md
 unpickler maps the few globals its files use onto harmless stand-ins and refuses every other global.
 
 Nor may a file make us allocate or compute more than it holds. `_check_sizes` checks every length a pickle declares
-against the bytes that remain before unpickling (CPython allocates a declared length before reading it); tensor
-records may view only elements their storage holds, each once; numpy records must carry exactly the bytes their
-shape needs; `plain` bounds depth and size and refuses cycles, since the memo lets a small file share one object
-many times over.
+against the bytes that remain before unpickling (CPython allocates a declared length before reading it); tensor records
+may view only elements their storage holds, each once; numpy records must carry exactly the bytes their shape needs;
+`plain` bounds depth and size and refuses cycles, since the memo lets a small file share one object many times over.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
 METHODS = ("sid", "sida", "sid2a")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 DEFAULT_PRESET = "digits"
+SECRET_FIELDS = ("hub_token",)
 
 
 def _f(default, help: str, **kw):
@@ -38,10 +39,12 @@ class TrainConfig:
 
     # what to distil, from what
     preset: Optional[str] = _f(None, "named preset from presets.json (flags given explicitly override it)")
-    teacher: Optional[str] = _f(None, "teacher denoiser: anything load_denoiser reads, or 'digits' / 'digits-uncond'")
+    teacher: Optional[str] = _f(None, "teacher denoiser: anything load_denoiser reads, or 'digits' / 'digits-uncond'",
+                                aliases=["pretrained_model_name_or_path"])
     generator_init: Optional[str] = _f(None, "SiD²A: the pre-distilled SiD generator that initialises G")
     method: str = _f("sida", "sid (data-free), sida or sid2a", choices=METHODS)
-    train_data: Optional[str] = _f(None, "real data: HF dataset, image folder, EDM/EDM2 zip or 'digits'")
+    train_data: Optional[str] = _f(None, "real data: HF dataset, image folder, EDM/EDM2 zip or 'digits'",
+                                   aliases=["dataset_name", "train_data_dir"])
     image_column: Optional[str] = _f(None, "image column of a HF dataset")
     label_column: Optional[str] = _f(None, "label column of a HF dataset (conditional teachers)")
     resolution: Optional[int] = _f(None, "resize the real images to this resolution (must equal the teacher's)")
@@ -121,9 +124,18 @@ class TrainConfig:
     max_train_kimg: float = _f(300000, "stop after this many thousand generated images")
     checkpointing_kimg: float = _f(500, "write a checkpoint every this many kimg (and at the end)")
     checkpoints_total_limit: Optional[int] = _f(None, "keep at most this many checkpoints")
-    resume_from_checkpoint: Optional[str] = _f(None, "'latest' or a checkpoint folder")
+    resume_from_checkpoint: Optional[str] = _f(None, "'latest', a checkpoint name (checkpoint-000000192, looked up in "
+                                                     "OUTPUT_DIR/checkpoints) or a checkpoint folder")
+    overwrite_output_dir: bool = _f(False, "delete the run files an earlier run left in --output_dir before starting "
+                                           "(a used --output_dir is refused without this flag or "
+                                           "--resume_from_checkpoint)")
+    resume_optimizer_settings_from_checkpoint: bool = _f(False, "when resuming, continue with the Adam settings saved "
+                                                                "in the checkpoint (betas, eps, weight_decay, amsgrad) "
+                                                                "where they differ from this run's flags; without it "
+                                                                "such a checkpoint is refused")
     log_every_kimg: float = _f(10, "tick length in kimg: log losses, timing and memory")
     report_to: str = _f("none", "Accelerate tracker: none, tensorboard, wandb, ...")
+    tracker_project_name: str = _f("sida", "project name of the --report_to tracker run")
     logging_dir: str = _f("logs", "tracker folder, relative to output_dir")
     sample_grid_size: int = _f(8, "side of the EMA sample grid written at every checkpoint (0 = none)")
     # evaluation
@@ -135,10 +147,16 @@ class TrainConfig:
     # export
     push_to_hub: bool = _f(False, "upload the final pipeline to the Hub")
     hub_model_id: Optional[str] = _f(None, "Hub repository of the pipeline (default: output_dir's name)")
+    hub_token: Optional[str] = _f(None, "Hub token for --push_to_hub (default: the stored one, `hf auth login`); never "
+                                        "written to the run's files")
 
     @property
     def is_adversarial(self) -> bool:
         return self.method != "sid"
+
+    def to_dict(self) -> dict:
+        """The values as written to the run's config.json, checkpoints and trackers (secrets left out)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SECRET_FIELDS}
 
 
     def __post_init__(self):
@@ -171,15 +189,34 @@ def preset_values(name: str, method: Optional[str] = None) -> dict:
     return {**values, **by_method.get(method, {}), "method": method}
 
 
-# Flags of the Diffusers training examples that count steps; here length and batching are counted in images, as in
-# the paper, so each is refused with its equivalent rather than silently reinterpreted.
+# Flags of the Diffusers training examples. Where the meaning is the same the name is an alias of our flag (the
+# `aliases` of the TrainConfig field: --pretrained_model_name_or_path, --dataset_name, --train_data_dir). The ones
+# below mean something else here (length and batching are counted in images, as in the paper; SiD trains two
+# networks; there is no text prompt), so each is refused with a pointer to our equivalent rather than silently
+# reinterpreted.
 DIFFUSERS_FLAGS = {
     "learning_rate": "SiD/SiDA trains two networks: pass --lr (fake score / discriminator) and --glr (generator)",
     "gradient_accumulation_steps": "pass --total_batch_size; accumulation rounds = total_batch_size / "
                                    "(train_batch_size x processes)",
     "max_train_steps": "training length is counted in images: pass --max_train_kimg (= steps x total_batch_size / "
                        "1000)",
+    "num_train_epochs": "training length is counted in images: pass --max_train_kimg",
     "checkpointing_steps": "pass --checkpointing_kimg (= steps x total_batch_size / 1000)",
+    "validation_steps": "the EMA generator is evaluated every --eval_every_kimg and drawn as a sample grid at every "
+                        "checkpoint (--checkpointing_kimg)",
+    "validation_epochs": "the EMA generator is evaluated every --eval_every_kimg and drawn as a sample grid at every "
+                         "checkpoint (--checkpointing_kimg)",
+    "num_validation_images": "pass --sample_grid_size (the side of the grid drawn at every checkpoint) or "
+                             "--eval_num_samples (images per evaluation)",
+    "validation_prompt": "SiD generators take class labels, not text: the grids draw one label per seed",
+    "max_grad_norm": "SiDA does not clip the gradient norm: the fake score's gradients are value-clipped at 1 for "
+                     "EDM teachers (ALGORITHM.md §5.4), with no flag",
+    "lr_warmup_steps": "the learning rates have no warm-up; the generator is held for the first --warmup_kimg "
+                       "instead (ALGORITHM.md §5.2)",
+    "dataloader_num_workers": "real images are read by one in-process stream per process (no DataLoader workers): "
+                              "nothing to set",
+    "use_ema": "the generator's EMA is always kept; set its half-life with --ema_halflife_kimg",
+    "adam_beta1": "the fake score uses beta1 = 0 (ALGORITHM.md §5.5); the generator's is --g_beta1",
 }
 ACCELERATE_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
@@ -189,6 +226,7 @@ def field_names() -> dict:
     """Every accepted name -> TrainConfig field: the field names and the paper's flags (`lsg` -> `sid_loss_scale`)."""
     names = {f.name: f.name for f in dataclasses.fields(TrainConfig)}
     names.update({f.metadata["flag"]: f.name for f in dataclasses.fields(TrainConfig) if "flag" in f.metadata})
+    names.update({alias: f.name for f in dataclasses.fields(TrainConfig) for alias in f.metadata.get("aliases", ())})
     return names
 
 
@@ -278,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(TrainConfig):
         kind = str(f.type).replace("Optional[", "").rstrip("]")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        kw = dict(help=f"{f.metadata['help']} (default: {default})", dest=f.name)
+        # one default per help line: a help text that already says what the default is keeps its own words
+        text = f.metadata["help"]
+        kw = dict(help=text if "default" in text else f"{text} (default: {default})", dest=f.name)
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif kind == "list":
@@ -288,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
         if "choices" in f.metadata:
             kw["choices"] = f.metadata["choices"]
         flags = [f"--{f.metadata['flag']}", f"--{f.name}"] if "flag" in f.metadata else [f"--{f.name}"]
+        flags += [f"--{alias}" for alias in f.metadata.get("aliases", ())]
         parser.add_argument(*flags, **kw)
     return parser
 

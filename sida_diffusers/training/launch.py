@@ -7,6 +7,7 @@ Accelerate sees, so that two processes never run as two independent trainings wr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 from pathlib import Path
@@ -104,3 +105,14 @@ def set_device_numerics(device: torch.device, allow_tf32: bool, num_threads: Opt
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allow_tf32
         torch.backends.cudnn.benchmark = True
+
+
+def effective_precision(cfg: TrainConfig, device: torch.device, say=print) -> TrainConfig:
+    """The config with the precision that will really run. fp16 is the networks' own float16 path, which runs on CUDA
+    only (ALGORITHM.md §1.4): elsewhere the run trains in float32, says so once with `say`, and records "no" (in
+    config.json, the checkpoints and the run record), not the fp16 that was asked for."""
+    if cfg.mixed_precision != "fp16" or device.type == "cuda":
+        return cfg
+    say(f"--mixed_precision fp16 runs the networks in float16 on CUDA only; on {device.type} this run trains in "
+        "float32 and records mixed_precision 'no' (bf16 autocast does run on CPUs).")
+    return dataclasses.replace(cfg, mixed_precision="no")

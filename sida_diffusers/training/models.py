@@ -12,6 +12,7 @@ import torch
 
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.training.config import TrainConfig
+from sida_diffusers.training.ema import HalfLifeEMA
 
 
 def load_network(source: str) -> Denoiser:
@@ -54,9 +55,10 @@ def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoise
 
 
 def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[Denoiser], device: torch.device):
-    """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, opt_fake, opt_gen)``, the
-    first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA a frozen
-    copy of the generator laid out like it (ALGORITHM.md §13.1, §13.2). The teacher is moved to `device` first."""
+    """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, ema, opt_fake, opt_gen)``,
+    the first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA
+    model a frozen copy of the generator laid out like it and `ema` its `HalfLifeEMA` (ALGORITHM.md §13.1, §13.2). The
+    teacher is moved to `device` first."""
     fake, gen = student_networks(cfg, teacher.to(device), init)
     ema = copy.deepcopy(gen).eval().requires_grad_(False).to(device)
     fake, gen = fake.to(device), gen.to(device)
@@ -70,8 +72,9 @@ def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[D
     opt_fake, opt_gen = make_optimizers(cfg, fake, gen, device)
     if cfg.compile:
         compile_networks((fake, gen, teacher), cfg.compile_backend)
+    ema_update = HalfLifeEMA(gen, ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
     fake, gen = layout.prepare(fake, gen)
-    return fake, gen, ema, opt_fake, opt_gen
+    return fake, gen, ema, ema_update, opt_fake, opt_gen
 
 
 def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: torch.device):
@@ -79,8 +82,10 @@ def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: tor
     eps = 1e-6 if cfg.mixed_precision == "fp16" else 1e-8
     fused = cfg.adam_fused if cfg.adam_fused is not None else device.type == "cuda"
     adam = dict(eps=eps, fused=fused, foreach=not fused)
-    return (torch.optim.Adam(fake.parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
-            torch.optim.Adam(gen.parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
+    # named parameters: the state dict then lists each parameter's name beside its id, so a resumed state is mapped
+    # onto the parameters by name (training.state_checks), not by position
+    return (torch.optim.Adam(fake.named_parameters(), lr=cfg.lr, betas=(0.0, 0.999), **adam),
+            torch.optim.Adam(gen.named_parameters(), lr=cfg.glr, betas=(cfg.g_beta1, 0.999), **adam))
 
 
 def lr_factor(scheduler: str, progress: float) -> float:

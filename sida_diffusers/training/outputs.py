@@ -1,24 +1,26 @@
-"""What a run writes besides checkpoints: sample grids, in-training evaluation, run_info, loss curves, the exported
-pipeline. Every image here comes from one `SiDAPipeline` over the EMA generator (`sampling_pipeline`), through
-`generate_uint8`, the same path as `sida-eval`, `sida-sample` and the benchmarks (docs/ARCHITECTURE.md §3).
+"""What a run writes besides checkpoints: sample grids, in-training evaluation, the run record, loss curves, the
+exported pipeline. Every image here comes from one `SiDAPipeline` over the EMA generator (`sampling_pipeline`),
+through `generate_uint8`, the same path as `sida-eval`, `sida-sample` and the benchmarks; the grids are
+`pipelines.sample_grid`, as the exported card's and `sida-sample --grid`'s; the export publishes that same pipeline
+(`hub.publish`) with the `RunRecord` of the run (docs/ARCHITECTURE.md §3, §5).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from sida_diffusers.evaluation import plot_curves
 from sida_diffusers.networks.base import Denoiser
-from sida_diffusers.pipelines import SiDAPipeline
+from sida_diffusers.pipelines import SiDAPipeline, sample_grid
+from sida_diffusers.run_record import RunRecord
 from sida_diffusers.training.config import TrainConfig
 
 
 LOSS_NAMES = ("fake_score_loss", "d_loss", "g_loss", "g_gan_loss")  # logged as in ALGORITHM.md §5.11
-GRID_BATCH = 64
 
 
 def load_vae(name: str, device: torch.device):
@@ -28,29 +30,28 @@ def load_vae(name: str, device: torch.device):
     return AutoencoderKL.from_pretrained(name).to(device).eval().requires_grad_(False)
 
 
-def sampling_pipeline(generator_ema: Denoiser, init_sigma: float, vae=None, id2label: Optional[dict] = None):
-    """The `SiDAPipeline` of the EMA generator (progress bar off): every figure of the run is sampled through it."""
+def latent_config(teacher: Denoiser) -> tuple:
+    """(latent_scale, latent_bias) of the run's pipeline and record: EDM2's normalisation for an EDM2 teacher
+    (ALGORITHM.md §6.1), (None, None) for pixels."""
     from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 
-    latent = vae is not None
-    pipe = SiDAPipeline(unet=generator_ema, vae=vae, init_sigma=init_sigma, id2label=id2label,
-                        latent_scale=EDM2_LATENT_SCALE.tolist() if latent else None,
-                        latent_bias=EDM2_LATENT_BIAS.tolist() if latent else None)
+    return (EDM2_LATENT_SCALE.tolist(), EDM2_LATENT_BIAS.tolist()) if teacher.family == "edm2" else (None, None)
+
+
+def sampling_pipeline(generator_ema: Denoiser, teacher: Denoiser, init_sigma: float, vae=None,
+                      id2label: Optional[dict] = None):
+    """The `SiDAPipeline` of the EMA generator (progress bar off): every figure and export of the run uses it."""
+    scale, bias = latent_config(teacher)
+    pipe = SiDAPipeline(unet=generator_ema, vae=vae, init_sigma=init_sigma, id2label=id2label, latent_scale=scale,
+                        latent_bias=bias)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 def save_sample_grid(pipe: SiDAPipeline, path: Path, side: int) -> Path:
-    """A `side` x `side` grid of seeds 0.. (classes cycle along the rows for conditional models) as a PNG."""
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    n, label_dim = side * side, pipe.unet.label_dim
-    labels = torch.arange(n) % label_dim if label_dim else None
-    images = pipe.generate_uint8(range(n), class_labels=labels, batch_size=GRID_BATCH)
-    grid = make_grid(images, nrow=side, padding=0).permute(1, 2, 0).numpy()
+    """The `side` x `side` `sample_grid` of seeds 0.. as a PNG (the exported card shows the same grid)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    sample_grid(pipe, range(side * side)).save(path)
     return path
 
 
@@ -134,60 +135,46 @@ def log_record(accelerator, path: Path, record: dict, cur_nimg: int) -> None:
         tqdm.write(f"kimg {record['kimg']:.3f} " + " ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "kimg"))
 
 
-# ---- run description, curves, export ----------------------------------------------------------------------------------
+# ---- the run record, curves, export --------------------------------------------------------------------------------
 
-def run_info(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_batch_size: int, num_processes: int,
-             seed: int, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None,
-             teacher_nfe: Optional[int] = None) -> dict:
-    """The run description shared by checkpoints, the export and the model card (docs/ARCHITECTURE.md §3)."""
-    return {"method": cfg.method, "alpha": cfg.alpha, "teacher": cfg.teacher, "dataset": cfg.train_data,
-            "kimg": cur_nimg / 1000, "cur_nimg": cur_nimg, "train_batch_size": cfg.train_batch_size,
-            "total_batch_size": total_batch_size, "num_processes": num_processes,
-            "init_sigma": cfg.init_sigma, "tmax": cfg.tmax, "lr": cfg.lr, "glr": cfg.glr,
-            "ema_halflife_kimg": cfg.ema_halflife_kimg, "warmup_kimg": cfg.warmup_kimg,
-            "adversarial_start_kimg": cfg.adversarial_start_kimg, "dropout": cfg.dropout,
-            "lr_scheduler": cfg.lr_scheduler, "ls": cfg.fake_score_loss_scale, "lsd": cfg.discriminator_loss_scale,
-            "lsg": cfg.sid_loss_scale, "lsg_gan": cfg.adversarial_loss_scale,
-            "mixed_precision": cfg.mixed_precision,
-            "id2label": getattr(dataset, "id2label", None) if teacher.is_conditional else None,
-            "label_dim": teacher.label_dim, "resolution": teacher.img_resolution, "channels": teacher.img_channels,
-            "latent": teacher.family == "edm2", "metrics": dict(metrics or {}),
-            "teacher_metrics": dict(teacher_metrics) if teacher_metrics else None,
-            "teacher_nfe": teacher_nfe if teacher_metrics else None,
-            "sampling": {"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},
-            "generator_init": cfg.generator_init, "seed": seed}
+def run_record(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, total_batch_size: int, num_processes: int,
+               seed: int, teacher_license: Optional[tuple] = None, metrics: Optional[dict] = None,
+               teacher_metrics: Optional[dict] = None, teacher_nfe: Optional[int] = None) -> RunRecord:
+    """The `RunRecord` of the run at `cur_nimg`, shared by checkpoints, the export and the model card; class names and
+    latent settings as `sampling_pipeline` gives them to the pipeline."""
+    license, license_name, license_link = teacher_license or (None, None, None)
+    scale, bias = latent_config(teacher)
+    latent = scale is not None
+    return RunRecord(
+        method=cfg.method, teacher=cfg.teacher, teacher_license=license, teacher_license_name=license_name,
+        teacher_license_link=license_link, generator_init=cfg.generator_init, dataset=cfg.train_data,
+        kimg=cur_nimg / 1000, cur_nimg=cur_nimg, alpha=cfg.alpha, lr=cfg.lr, glr=cfg.glr,
+        ema_halflife_kimg=cfg.ema_halflife_kimg, warmup_kimg=cfg.warmup_kimg,
+        adversarial_start_kimg=cfg.adversarial_start_kimg, dropout=cfg.dropout, lr_scheduler=cfg.lr_scheduler,
+        ls=cfg.fake_score_loss_scale, lsd=cfg.discriminator_loss_scale, lsg=cfg.sid_loss_scale,
+        lsg_gan=cfg.adversarial_loss_scale, train_batch_size=cfg.train_batch_size, num_processes=num_processes,
+        total_batch_size=total_batch_size, mixed_precision=cfg.mixed_precision, init_sigma=cfg.init_sigma,
+        tmax=cfg.tmax, seed=seed, resolution=teacher.img_resolution, channels=teacher.img_channels,
+        label_dim=teacher.label_dim, id2label=getattr(dataset, "id2label", None) if teacher.is_conditional else None,
+        latent=latent, latent_scale=scale, latent_bias=bias,
+        vae=cfg.vae if latent else None, metrics=dict(metrics or {}),
+        teacher_metrics=dict(teacher_metrics) if teacher_metrics else None,
+        teacher_nfe=teacher_nfe if teacher_metrics else None,
+        sampling={"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},
+        grid_size=cfg.sample_grid_size ** 2 or None)
 
 
 def plot_loss_curves(output_dir: Path) -> Optional[Path]:
-    """`loss_curves.png` from the run's stats.jsonl."""
+    """`loss_curves.png` from the run's stats.jsonl (None before the first logged loss)."""
     path = output_dir / "stats.jsonl"
-    if not path.is_file():
+    if not path.is_file() or not any(name in path.read_text() for name in LOSS_NAMES):
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    names = [n for n in LOSS_NAMES if any(n in r for r in records)]
-    if not names:
-        return None
-    fig, axes = plt.subplots(len(names), 1, figsize=(6, 2.2 * len(names)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        ax.plot([r["kimg"] for r in records if name in r], [r[name] for r in records if name in r])
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("kimg")
-    fig.tight_layout()
-    fig.savefig(output_dir / "loss_curves.png", dpi=100)
-    plt.close(fig)
-    return output_dir / "loss_curves.png"
+    return plot_curves(path, output_dir / "loss_curves.png", names=LOSS_NAMES, label=None)
 
 
-def export(pipe: SiDAPipeline, out_dir: Path, info: dict, grid_side: int, repo_id: Optional[str] = None) -> Path:
-    """Write the pipeline folder of the EMA generator (model card included) via `hub.export_pipeline`."""
-    from sida_diffusers.hub import export_pipeline
+def export(pipe: SiDAPipeline, out_dir: Path, record: RunRecord, grid_side: int, repo_id: Optional[str] = None) -> Path:
+    """Publish the run's own pipeline (the EMA generator, its VAE and latent config) with its model card and grid."""
+    from sida_diffusers.hub import publish
 
-    export_pipeline(pipe.unet, out_dir, info, vae=pipe.vae, grid=grid_side > 0, grid_seeds=range(grid_side ** 2),
-                    repo_id=repo_id)
+    publish(pipe, out_dir, record, grid_seeds=range(grid_side ** 2), repo_id=repo_id)
     return out_dir

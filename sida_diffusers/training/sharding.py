@@ -187,10 +187,12 @@ class NetworkLayout:
         reduce-scattered at every backward, so they stay sharded between rounds (ALGORITHM.md §13.1)."""
         return contextlib.nullcontext() if self.sharded else self.accelerator.no_sync(model)
 
-    def finish_gradients(self, net: torch.nn.Module) -> None:
-        """FSDP: average the replicated parameters' gradients before the optimizer step."""
+    def gradients(self, net: torch.nn.Module) -> list:
+        """The gradients of `net` ready for the optimizer step, as tensors this process may change in place: under FSDP
+        its shards, after the replicated parameters' gradients are averaged over the processes."""
         if self.sharded:
             reduce_replicated_grads(net)
+        return [local(p.grad) for p in net.parameters() if p.grad is not None]
 
     def full_copy(self, net: torch.nn.Module, device):
         """Collective. The network unsharded: a copy on `device` on the main process, None elsewhere (FSDP); the
@@ -201,25 +203,19 @@ class NetworkLayout:
         return plain_copy(net, state, device) if self.main else None
 
     @contextlib.contextmanager
-    def gathered(self, net: torch.nn.Module, device):
-        """Collective. `full_copy` for the duration of the block, then freed."""
-        copy = self.full_copy(net, device)
-        try:
-            yield copy
-        finally:
-            del copy
+    def gathered(self, net: torch.nn.Module, device, active: bool = True):
+        """Collective. `full_copy` for the duration of the block (`active`; otherwise nothing is gathered and the
+        block gets None under FSDP)."""
+        yield self.full_copy(net, device) if active or not self.sharded else None
 
-    def full_networks(self, networks: dict) -> Optional[dict]:
-        """Collective. The networks as a checkpoint holds them (full tensors; CPU copies under FSDP), main process."""
-        return {name: self.full_copy(net, "cpu") for name, net in networks.items()}
-
-    def full_optimizer_states(self, optimizers: dict) -> Optional[dict]:
-        """Collective. Each optimizer's state dict with full tensors (main process; None elsewhere under FSDP)."""
+    def full_states(self, networks: dict, **optimizers) -> tuple:
+        """Collective. ``(networks, optimizer state dicts)`` as a checkpoint holds them, with full tensors (under FSDP:
+        CPU copies on the main process)."""
+        full = {name: self.full_copy(net, "cpu") for name, net in networks.items()}
         if not self.sharded:
-            return {name: opt.state_dict() for name, opt in optimizers.items()}
-        states = {name: full_optimizer_state(opt, keep=self.main) for name, opt in optimizers.items()}
-        return states if self.main else None
+            return full, {name: opt.state_dict() for name, opt in optimizers.items()}
+        return full, {name: full_optimizer_state(opt, keep=self.main) for name, opt in optimizers.items()}
 
-    def checkpoint_view(self, target):
+    def checkpoint_views(self, targets: dict) -> dict:
         """What `checkpointing.load_checkpoint` loads full tensors into (ALGORITHM.md §13.3)."""
-        return FullStateView(target) if self.sharded else target
+        return {name: FullStateView(t) if self.sharded else t for name, t in targets.items()}

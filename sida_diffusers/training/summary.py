@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
 from sida_diffusers.digits import FD_DIGITS
-from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_metric_curve
+from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_curves
 from sida_diffusers.pipelines import EDMHeunPipeline
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, heun_nfe
+from sida_diffusers.run_record import RunRecord
 from sida_diffusers.safe_io.files import read_json
 
 
@@ -86,17 +88,16 @@ def start_teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, 
     return future.result
 
 
-def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name: str, kimg: float,
-                      student_metrics: dict, teacher_metrics: Optional[dict], best: Optional[dict],
-                      num_samples: int) -> dict:
-    """Write ``summary.json`` (and the metric curve with the teacher's line) into `output_dir`, print where
-    everything is, and return the summary."""
+def write_run_summary(output_dir: Path, record: RunRecord, best: Optional[dict]) -> dict:
+    """Write ``summary.json`` (and the metric curve with the teacher's line) into `output_dir` from the run's final
+    record (the student's metrics, the teacher's baseline), print where everything is, and return the summary."""
     out = Path(output_dir)
+    student_metrics, teacher_metrics = record.metrics, record.teacher_metrics
     key = fd_digits_key(student_metrics)
     curve = None
     if key is not None and (out / "metrics.jsonl").is_file():
         baseline = {key: (teacher_metrics[key], f"teacher (Heun, {TEACHER_NFE} NFE)")} if teacher_metrics else None
-        curve = plot_metric_curve(out / "metrics.jsonl", out / "metric_curve.png", baselines=baseline)
+        curve = plot_curves(out / "metrics.jsonl", out / "metric_curve.png", baselines=baseline)
     pipeline = out / "pipeline"
     grid = pipeline / "samples_grid.png"
     summary = {
@@ -104,12 +105,12 @@ def write_run_summary(output_dir: Path, method: str, alpha: float, teacher_name:
         if (out / "best_pipeline").is_dir() else None, "sample_grid": str(grid) if grid.is_file() else None,
         "fd_curve": str(curve) if curve else None, "metrics_jsonl": str(out / "metrics.jsonl")
         if (out / "metrics.jsonl").is_file() else None, "loss_curves": str(out / "loss_curves.png"),
-        "method": method, "alpha": alpha, "teacher": teacher_name, "kimg": kimg,
+        "method": record.method, "alpha": record.alpha, "teacher": record.teacher, "kimg": record.kimg,
         "metric": METRIC_LABEL if key else None, "metric_key": key,
         "student": {"num_steps": 1, "metrics": dict(student_metrics)},
         "best": best,
         "teacher_eval": None if teacher_metrics is None else {
-            **teacher_cache_key(teacher_name, num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
+            **teacher_cache_key(record.teacher, record.num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
             "nfe": TEACHER_NFE, "metrics": teacher_metrics},
         "fd_digits_student": student_metrics.get(key) if key else None,
         "fd_digits_teacher": teacher_metrics.get(key) if teacher_metrics and key else None,
@@ -140,3 +141,19 @@ def format_summary(summary: dict) -> str:
                          f"(same {n} seeds and labels)")
     lines += [f"summary       {Path(summary['output_dir']) / SUMMARY_FILE}", "=" * 72]
     return "\n".join(lines)
+
+
+def push_pipeline(folder: Path, repo_id: str, token: Optional[str]) -> Optional[str]:
+    """Push the exported pipeline at the end of a run. A push that fails keeps the local folder and returns (and
+    prints) one line saying how to push it later, instead of ending hours of training with a traceback."""
+    from sida_diffusers.hub import push_later_hint, push_to_hub
+
+    try:
+        commit = push_to_hub(folder, repo_id, token=token)
+    except Exception as error:  # network libraries raise their own classes; each means the same here
+        line = (f"train_sida: error: pushing to {repo_id} failed ({type(error).__name__}: "
+                f"{' '.join(str(error).split())[:200]}); {push_later_hint(folder, repo_id)}")
+        print(line, file=sys.stderr)
+        return line
+    print(f"pushed {folder} to {getattr(commit, 'commit_url', None) or repo_id}")
+    return None

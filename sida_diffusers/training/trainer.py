@@ -3,11 +3,10 @@
 One iteration (`SiDATrainer.step`) = a fake-score/discriminator phase, a generator phase, the EMA update and
 ``cur_nimg += total_batch_size``. Each phase runs R accumulation rounds of B samples per process, backpropagates every
 round with DDP gradient sync only on the last one, and divides every loss by the per-process batch B*R (§4.5, §5.3).
-Per-process batch statistics (the pooled BCE of §4.2/§4.4) are never gathered across processes; `--fsdp` shards the
-networks instead of wrapping them in DDP (`sharding.NetworkLayout`, ALGORITHM.md §13).
+Per-process batch statistics (the pooled BCE of §4.2/§4.4) are never gathered across processes.
 
-Around the loop: input checks (`validation`), the networks (`models`), checkpoints and resume (`checkpointing`), and
-grids, evaluation and export (`outputs`, `summary`).
+Around the loop: input checks (`validation`), the networks (`models`; DDP or FSDP: `sharding`, ALGORITHM.md §13),
+checkpoints and resume (`checkpointing`), and grids, evaluation and export (`outputs`, `summary`).
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from sida_diffusers.evaluation import plot_metric_curve
+from sida_diffusers.evaluation import plot_curves
 from sida_diffusers.losses import (
     discriminator_loss,
     fake_score_loss,
@@ -36,10 +35,10 @@ from sida_diffusers.losses import (
     sida_adversarial_loss,
 )
 from sida_diffusers.networks.base import Denoiser
+from sida_diffusers.pretrained import declared_license
 from sida_diffusers.training import checkpointing, launch, memory_plan, models, outputs, sharding, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
-from sida_diffusers.training.ema import HalfLifeEMA
 
 
 NETWORKS = ("generator", "generator_ema", "fake_score")
@@ -77,6 +76,7 @@ class SiDATrainer:
         self.output_dir = Path(cfg.output_dir)
         validation.check_config(cfg, generator_init, dataset)
         self.accelerator = acc = accelerator or launch.make_accelerator(cfg)
+        self.cfg = cfg = launch.effective_precision(cfg, acc.device, acc.print)  # fp16 on a CPU trains in fp32
         self.device, self.world_size, self.rank = acc.device, acc.num_processes, acc.process_index
         self.total_batch_size, self.rounds = validation.batch_layout(cfg, self.world_size)
         self.batch_per_process = cfg.train_batch_size * self.rounds  # B_tot, the divisor of every loss (§4.5)
@@ -85,20 +85,18 @@ class SiDATrainer:
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
         self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).eval().requires_grad_(False)
+        self.teacher_license = declared_license(cfg.teacher)  # what the model card inherits
         init = generator_init
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
         self.dataset = dataset if dataset is not None else self._build_dataset()
-        validation.check_networks(cfg, self.teacher, init)
+        validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
         memory_plan.check_fits(cfg, self.teacher, self.device, self.world_size)  # before anything is on the device
 
         self.layout = sharding.NetworkLayout(acc, cfg.fsdp)
-        self.fake_score, self.generator, self.generator_ema, self.opt_fake, self.opt_gen = models.setup_networks(
-            cfg, self.layout, self.teacher, init, self.device)
-        self.ema = HalfLifeEMA(self.unwrap(self.generator), self.generator_ema, cfg.ema_halflife_kimg,
-                               cfg.ema_rampup_ratio)
-        self._sampling_ema = self.generator_ema  # under --fsdp: its gathered copy, during maintenance only
+        self.fake_score, self.generator, self.generator_ema, self.ema, self.opt_fake, self.opt_gen = \
+            models.setup_networks(cfg, self.layout, self.teacher, init, self.device)
 
         self.augment_pipe = None
         if cfg.augment_p > 0:
@@ -110,7 +108,8 @@ class SiDATrainer:
         self.suite, self.tracker = outputs.make_evaluation(cfg, self.dataset, self.pixel_shape, self.device,
                                                            acc.is_main_process)
         self.label_pool = outputs.evaluation_label_pool(self.dataset, self.teacher)
-        self._pipeline = None
+        self._pipeline, self._sampling_ema = None, self.generator_ema  # --fsdp: a gathered copy, in maintenance only
+        self.push_error: Optional[str] = None  # the one line a failed end-of-run push leaves
         self.cur_nimg = 0
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_metrics: dict = {}
@@ -146,20 +145,24 @@ class SiDATrainer:
         """The `SiDAPipeline` over the EMA generator that samples every grid, evaluation and export of the run."""
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
-            self._pipeline = outputs.sampling_pipeline(self._sampling_ema, self.cfg.init_sigma, vae,
+            self._pipeline = outputs.sampling_pipeline(self._sampling_ema, self.teacher, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None))
         self._pipeline.unet = self._sampling_ema
         return self._pipeline
 
     @contextlib.contextmanager
-    def gathered_ema(self):
+    def gathered_ema(self, active: bool = True):
         """Collective: under `--fsdp` an unsharded EMA copy (main process) samples one maintenance step (§13.2)."""
-        with self.layout.gathered(self.generator_ema, self.device) as ema:
-            self._sampling_ema = ema
+        with self.layout.gathered(self.generator_ema, self.device, active) as self._sampling_ema:
             yield
-        self._sampling_ema = None if self.layout.sharded else self.generator_ema
+        self._sampling_ema = None if self.layout.sharded else self.generator_ema  # the copy goes with its last reference
         if self._pipeline is not None:
             self._pipeline.unet = self._sampling_ema
+
+    @property
+    def final_nimg(self) -> int:
+        """cur_nimg at the end of the run: whole iterations up to --max_train_kimg."""
+        return math.ceil(_nimg(self.cfg.max_train_kimg) / self.total_batch_size) * self.total_batch_size
 
     def unwrap(self, net):
         return self.accelerator.unwrap_model(net)
@@ -278,8 +281,7 @@ class SiDATrainer:
 
     def _sanitize_grads(self, net: torch.nn.Module, clip: Optional[float]) -> None:
         """nan_to_num on every gradient (shard), then optional value clipping (ALGORITHM.md §5.4, §13.1)."""
-        self.layout.finish_gradients(net)
-        grads = [sharding.local(p.grad) for p in net.parameters() if p.grad is not None]
+        grads = self.layout.gradients(net)
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
         if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
@@ -311,16 +313,18 @@ class SiDATrainer:
             checkpointing.set_rng_state(self._resume_rng)
             self._resume_rng = None
         if acc.is_main_process:
+            if cfg.overwrite_output_dir and self.cur_nimg == 0:
+                checkpointing.clear_output_dir(self.output_dir, cfg.logging_dir)
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        acc.init_trackers("sida", config={k: v for k, v in dataclasses.asdict(cfg).items()
-                                          if isinstance(v, (int, float, str, bool))})
+            (self.output_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        acc.wait_for_everyone()
+        acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items()
+                                                            if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
                   f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}"
                   f"{', networks sharded (FSDP)' if self.layout.sharded else ''}, to {cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
-        final_nimg = math.ceil(max_nimg / self.total_batch_size) * self.total_batch_size  # whole iterations
-        bar = tqdm(total=final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
+        bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
         wanted = self.tracker is not None and summary.evaluates_teacher(cfg.eval_metrics)  # same on every process
@@ -340,12 +344,10 @@ class SiDATrainer:
                 self._log_tick(tick, stage)
                 tick, first = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}, False
             maintenance_start = time.time()
-            evaluate = self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg))
-            checkpoint = done or self._crossed(prev, cfg.checkpointing_kimg)
-            with self.gathered_ema() if evaluate or checkpoint else contextlib.nullcontext():
-                if evaluate:
+            with self.gathered_ema(done or self._crossed(prev, cfg.eval_every_kimg, cfg.checkpointing_kimg)):
+                if self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg)):
                     self._evaluate_and_track()
-                if checkpoint:
+                if done or self._crossed(prev, cfg.checkpointing_kimg):
                     if acc.is_main_process and cfg.sample_grid_size > 0:
                         grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
                                                         f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
@@ -359,9 +361,8 @@ class SiDATrainer:
         acc.end_training()
         return pipeline_dir
 
-    def _crossed(self, prev_nimg: int, every_kimg: float) -> bool:
-        every = _nimg(every_kimg)
-        return every > 0 and self.cur_nimg // every > prev_nimg // every
+    def _crossed(self, prev_nimg: int, *every_kimg: float) -> bool:
+        return any(0 < every and self.cur_nimg // every > prev_nimg // every for every in map(_nimg, every_kimg))
 
     def _log_tick(self, tick: dict, stage: Stage) -> None:
         """Losses and timing of the tick: `sec_per_kimg` counts training only; evaluation, checkpoints and grids are
@@ -379,49 +380,46 @@ class SiDATrainer:
             results = self.last_metrics = outputs.evaluate(self.suite, self.pipeline, self.label_pool)
             outputs.log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                                {"kimg": self.cur_nimg / 1000, **results}, self.cur_nimg)
-            plot_metric_curve(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
+            plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
             if self.tracker.update_from(results, self.cur_nimg / 1000):
-                self.export(self.output_dir / "best_pipeline", metrics=results)
+                self.export(self.output_dir / "best_pipeline", self.record(results))
         self.accelerator.wait_for_everyone()
 
     def _finish(self, teacher_metrics: Optional[dict]) -> Path:
         """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's baseline in
         its card), the run summary and the optional Hub push."""
-        cfg = self.cfg
         outputs.plot_loss_curves(self.output_dir)
-        pipeline_dir = self.export(self.output_dir / "pipeline", teacher_metrics=teacher_metrics)
-        summary.write_run_summary(self.output_dir, cfg.method, cfg.alpha, cfg.teacher, self.cur_nimg / 1000,
-                                  self.last_metrics, teacher_metrics,
-                                  self.tracker.state_dict() if self.tracker else None, cfg.eval_num_samples)
-        if cfg.push_to_hub:
-            from sida_diffusers.hub import push_to_hub
-
-            push_to_hub(pipeline_dir, cfg.hub_model_id or self.output_dir.resolve().name)
+        record = self.record(self.last_metrics, teacher_metrics)
+        pipeline_dir = self.export(self.output_dir / "pipeline", record)
+        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None)
+        if self.cfg.push_to_hub:
+            self.push_error = summary.push_pipeline(pipeline_dir, validation.hub_repo_id(self.cfg), self.cfg.hub_token)
         return pipeline_dir
 
-    def run_info(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> dict:
-        return outputs.run_info(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
-                                self.world_size, self.seed, metrics, teacher_metrics, summary.TEACHER_NFE)
+    def record(self, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None):
+        """The `RunRecord` of the run as it stands (run_info.json of checkpoints and exports, the model card)."""
+        return outputs.run_record(self.cfg, self.teacher, self.dataset, self.cur_nimg, self.total_batch_size,
+                                  self.world_size, self.seed, self.teacher_license, metrics, teacher_metrics,
+                                  summary.TEACHER_NFE)
 
-    def export(self, out_dir: Path, metrics: Optional[dict] = None, teacher_metrics: Optional[dict] = None) -> Path:
-        """Write the SiDAPipeline folder of the EMA generator (model card included)."""
-        info = self.run_info(metrics if metrics is not None else self.last_metrics, teacher_metrics)
-        return outputs.export(self.pipeline, out_dir, info, self.cfg.sample_grid_size, self.cfg.hub_model_id)
+    def export(self, out_dir: Path, record=None) -> Path:
+        """Publish the run's pipeline (the EMA generator) with the model card of `record` (default: the run now)."""
+        return outputs.export(self.pipeline, out_dir, record or self.record(self.last_metrics),
+                              self.cfg.sample_grid_size, self.cfg.hub_model_id)
 
     # ---- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
         """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically, from full tensors (§13.3), and prune old ones."""
         per_rank = gather_object([{"rng": checkpointing.rng_state(),
                                    "data": self.batches.state_dict()}])
-        networks = self.layout.full_networks(self._networks())
-        optimizers = self.layout.full_optimizer_states({"opt_fake": self.opt_fake, "opt_gen": self.opt_gen})
+        networks, optimizers = self.layout.full_states(self._networks(), opt_fake=self.opt_fake, opt_gen=self.opt_gen)
         if self.accelerator.is_main_process:
             state = {"cur_nimg": self.cur_nimg, "seed": self.seed, "num_processes": self.world_size,
                      **optimizers, "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
                      "data": [s["data"] for s in per_rank], "best": self.tracker.state_dict() if self.tracker else None,
-                     "config": dataclasses.asdict(self.cfg)}
+                     "config": self.cfg.to_dict()}
             checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, networks, state,
-                                          self.run_info(self.last_metrics), self.cfg.checkpoints_total_limit)
+                                          self.record(self.last_metrics).to_dict(), self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return checkpointing.checkpoint_path(self.output_dir, self.cur_nimg)
 
@@ -435,10 +433,12 @@ class SiDATrainer:
             if spec:
                 self.accelerator.print(f"no checkpoint under {self.output_dir / 'checkpoints'}; starting a new run")
             return
-        view = self.layout.checkpoint_view  # full tensors in, whatever the layout (§13.3)
-        state = checkpointing.load_checkpoint(path, {k: view(v) for k, v in self._networks().items()},
-                                              {"opt_fake": view(self.opt_fake), "opt_gen": view(self.opt_gen)}, self.ema)
-        self.cur_nimg, self.seed = int(state["cur_nimg"]), int(state["seed"])
+        limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
+                                         self.cfg.resume_optimizer_settings_from_checkpoint)
+        views = self.layout.checkpoint_views  # full tensors in, whatever the layout (§13.3)
+        state = checkpointing.load_checkpoint(path, views(self._networks()), views({"opt_fake": self.opt_fake,
+                                              "opt_gen": self.opt_gen}), self.ema, limits)
+        self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work
             self.batches.load_state_dict(state["data"][self.rank])

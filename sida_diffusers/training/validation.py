@@ -1,15 +1,20 @@
 """Every check of a run's input that can fail before the first training step, each with the fix in its message.
 
-The trainer calls these in `SiDATrainer.__init__`, so a wrong flag, teacher, generator or dataset stops the run before
-anything is written.
+The trainer calls these in `SiDATrainer.__init__`, so a wrong flag, teacher, generator or dataset, a used output folder
+or a Hub push that could not succeed stops the run before anything is written.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
+from pathlib import Path
 from typing import Optional
 
+from sida_diffusers.hub import check_push_access
 from sida_diffusers.networks.base import Denoiser
+from sida_diffusers.safe_io.paths import check_output
+from sida_diffusers.training.checkpointing import check_output_dir
 from sida_diffusers.training.config import TrainConfig
 
 
@@ -31,14 +36,97 @@ def check_config(cfg: TrainConfig, generator_init=None, dataset=None) -> None:
     if cfg.is_adversarial and cfg.train_data is None and dataset is None:
         raise ValueError(f"--method {cfg.method} trains a discriminator on real images; pass --train_data (HF "
                          "dataset, image folder or EDM/EDM2 zip), or use the data-free --method sid.")
-    for name, least in (("max_train_kimg", 1e-9), ("checkpointing_kimg", 1e-9), ("log_every_kimg", 1e-9),
-                        ("warmup_kimg", 0), ("adversarial_start_kimg", 0)):
-        if getattr(cfg, name) < least:
-            raise ValueError(f"--{name} must be {'> 0' if least else '>= 0'} (kimg), got {getattr(cfg, name)}.")
+    check_numbers(cfg)
+    check_output(cfg.output_dir, folder=True, option="--output_dir")  # before anything is written there
     module = _TRACKER_PACKAGES.get(cfg.report_to)
     if module and not installed(module):
         raise ValueError(f"--report_to {cfg.report_to} needs the '{module}' package; `pip install {module}` or pass "
                          "--report_to none (stats.jsonl and the loss-curve PNG are always written).")
+    check_output_dir(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir, cfg.logging_dir)
+    if cfg.push_to_hub:  # hours before the push: the repo id, the token and the endpoint must work now
+        check_push_access(hub_repo_id(cfg), cfg.hub_token)
+
+
+def hub_repo_id(cfg: TrainConfig) -> str:
+    """Where --push_to_hub uploads: --hub_model_id, else the name of --output_dir (Diffusers' default)."""
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+
+
+MAX_KIMG = 1e9              # a thousand times the longest official run (EDM2-XXL trained for 939,524 kimg)
+MAX_BATCH = 1 << 16         # images of one micro-batch; the paper's per-GPU batch is 32 or 64
+MAX_TOTAL_BATCH = 1 << 24   # images of one iteration (the paper uses 2048)
+_INF = math.inf
+# flag -> (least, most, what); least/most inclusive unless marked open with a tuple ("open", value)
+FLOAT_RANGES = {
+    "alpha": (-1e3, 1e3, "SiD's alpha (1.0 or 1.2 in the paper)"),
+    "tmax": (("open", 0), 1000, "the generator's largest t, in 1/1000 of the schedule"),
+    "init_sigma": (("open", 0), 1e4, "the generator's input noise level"),
+    "P_mean": (-20, 20, "a log-sigma"), "P_std": (("open", 0), 20, "a log-sigma spread"),
+    "fake_score_loss_scale": (0, 1e12, "a loss multiplier"), "discriminator_loss_scale": (0, 1e12, "a loss multiplier"),
+    "sid_loss_scale": (0, 1e12, "a loss multiplier"), "adversarial_loss_scale": (0, 1e12, "a loss multiplier"),
+    "warmup_kimg": (0, MAX_KIMG, "kimg"), "adversarial_start_kimg": (0, MAX_KIMG, "kimg"),
+    "augment_p": (0, 1, "a probability"), "dropout": (0, ("open", 1), "a dropout probability"),
+    "lr": (0, 10, "a learning rate"), "glr": (0, 10, "a learning rate"), "g_beta1": (0, ("open", 1), "Adam's beta1"),
+    "ema_halflife_kimg": (("open", 0), MAX_KIMG, "kimg"), "ema_rampup_ratio": (("open", 0), 1e6, "a ratio"),
+    "max_train_kimg": (("open", 0), MAX_KIMG, "kimg"), "checkpointing_kimg": (("open", 0), _INF, "kimg"),
+    "log_every_kimg": (("open", 0), _INF, "kimg"), "eval_every_kimg": (0, _INF, "kimg (0 = never)"),
+}
+INT_RANGES = {
+    "train_batch_size": (1, MAX_BATCH), "total_batch_size": (1, MAX_TOTAL_BATCH), "checkpoints_total_limit": (1, 1 << 20),
+    "sample_grid_size": (0, 64), "eval_num_samples": (1, 10_000_000), "eval_batch_size": (1, MAX_BATCH),
+    "num_threads": (1, 1024), "seed": (0, (1 << 63) - 1), "resolution": (1, 4096),
+}
+
+
+def _bound(value, bound, lower: bool) -> bool:
+    if isinstance(bound, tuple):
+        return value > bound[1] if lower else value < bound[1]
+    return value >= bound if lower else value <= bound
+
+
+def _describe(low, high) -> str:
+    left = f"> {low[1]:g}" if isinstance(low, tuple) else f">= {low:g}"
+    right = "" if high == _INF else f" and < {high[1]:g}" if isinstance(high, tuple) else f" and <= {high:g}"
+    return left + right
+
+
+def check_numbers(cfg: TrainConfig) -> None:
+    """Every number among the flags: finite and within its range (None where a flag is optional), before anything is
+    built or written. A NaN would otherwise pass every comparison and end in a NaN pipeline, a huge batch in an
+    allocation that fails mid-run."""
+    for name, (low, high, what) in FLOAT_RANGES.items():
+        value = getattr(cfg, name)
+        if value is None and name in ("dropout", "ema_rampup_ratio"):
+            continue
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and _bound(value, low, True) and _bound(value, high, False))
+        if not ok:
+            raise ValueError(f"--{name} must be a finite number {_describe(low, high)} ({what}), got {value}.")
+    for name, (low, high) in INT_RANGES.items():
+        value = getattr(cfg, name)
+        if value is None and name in ("total_batch_size", "checkpoints_total_limit", "num_threads", "seed",
+                                      "resolution"):
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"--{name} must be an integer from {low:,} to {high:,}, got {value}.")
+
+
+def check_batch_memory(cfg: TrainConfig, img_shape: tuple, device=None) -> None:
+    """One micro-batch of float32 images must take at most 1/16 of the device's memory (the networks' activations
+    take many times that): a batch far beyond the machine is refused before the first allocation fails."""
+    import torch
+
+    if device is not None and getattr(device, "type", str(device)) == "cuda":
+        memory = torch.cuda.get_device_properties(device).total_memory
+    else:
+        from sida_diffusers.data.datasets import cache_budget
+
+        memory = 2 * cache_budget()  # physical memory
+    batch_bytes = cfg.train_batch_size * math.prod(img_shape) * 4
+    if batch_bytes * 16 > memory:
+        raise ValueError(f"--train_batch_size {cfg.train_batch_size} makes one micro-batch of {list(img_shape)} images "
+                         f"take {batch_bytes / 2**30:.1f} GiB, more than 1/16 of the {memory / 2**30:.0f} GiB of this "
+                         "device; use a smaller micro-batch and --total_batch_size for the global batch.")
 
 
 def batch_layout(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
@@ -54,8 +142,9 @@ def batch_layout(cfg: TrainConfig, num_processes: int) -> tuple[int, int]:
     return total, total // (b * num_processes)
 
 
-def check_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]) -> None:
-    """The teacher is EDM/EDM2-preconditioned, the options fit it, and a SiD²A init matches it."""
+def check_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser], device=None) -> None:
+    """The teacher is EDM/EDM2-preconditioned, the options fit it, a SiD²A init matches it, and one micro-batch of
+    its images fits the device (`check_batch_memory`)."""
     if not teacher.distillable:
         raise ValueError(f"the teacher is a {type(teacher).__name__}; SiD/SiDA support only EDM- and EDM2-preconditioned teachers "
                          "(ALGORITHM.md §1.2). Use an EDMPrecond teacher (every official edm-*.pkl is one).")
@@ -67,6 +156,7 @@ def check_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]
     if cfg.augment_p > 0 and teacher.augment_dim != 9:
         raise ValueError(f"--augment_p {cfg.augment_p} needs a teacher conditioned on the 9-d augment label "
                          f"(augment_dim=9), this one has augment_dim={teacher.augment_dim}; pass --augment_p 0.")
+    check_batch_memory(cfg, (teacher.img_channels, teacher.img_resolution, teacher.img_resolution), device)
     if init is not None:
         got = (type(init).__name__, init.img_channels, init.img_resolution, init.label_dim)
         want = (type(teacher).__name__, teacher.img_channels, teacher.img_resolution, teacher.label_dim)

@@ -15,6 +15,7 @@ _LAZY = {
     "KNOWN_NETWORKS": "sida_diffusers.pretrained",
     "SiDAPipeline": "sida_diffusers.pipelines",
     "EDMHeunPipeline": "sida_diffusers.pipelines",
+    "SchedulerSamplerPipeline": "sida_diffusers.pipelines",
     "edm_sampler": "sida_diffusers.pipelines",
     "seed_generators": "sida_diffusers.pipelines",
     "RunRecord": "sida_diffusers.run_record",

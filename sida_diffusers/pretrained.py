@@ -30,6 +30,7 @@ from sida_diffusers.safe_io.model_files import (
 )
 from sida_diffusers.safe_io.paths import folder_root
 from sida_diffusers.safe_io.pickles import PickledModule, UnsafeCheckpointError, load_official_pickle, plain
+from sida_diffusers.safe_io.unet2d_files import SCHEDULER_FILE, find_unet2d, load_unet2d_denoiser
 from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
 
@@ -233,6 +234,9 @@ def cached_download(url: str, cache_dir=None) -> Path:
 
 def _load_diffusers_folder(folder: Path, dtype, root: Optional[Path] = None) -> Denoiser:
     root = folder_root(folder) if root is None else root  # links may only point inside it
+    unet2d = find_unet2d(folder, root)  # a DDPM/DDIM teacher: a UNet2DModel and its scheduler config (ALGORITHM.md §12)
+    if unet2d is not None:
+        return _move(load_unet2d_denoiser(*unet2d, root=root), None, dtype)
     if not (folder / "config.json").is_file() and (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"  # a SiDAPipeline folder: its denoiser lives in unet/
     if not (folder / "config.json").is_file():
@@ -279,14 +283,27 @@ def _split_hub_source(src: str):
     return "/".join(parts[:2]), "/".join(p for p in (*parts[2:], subfolder) if p)
 
 
+def _folder_patterns(inner: str) -> list:
+    """The files of a Hub folder that loading reads: a model folder's config and safetensors weights (a pipeline's
+    denoiser in unet/), and for a DDPM/DDIM teacher its model_index.json and scheduler config, inside the folder or in
+    a scheduler/ folder beside it (ALGORITHM.md §12). Pickled .bin weights, never loaded, are never downloaded."""
+    prefixes = [f"{inner}/"] if inner else ["", "unet/"]
+    patterns = [p + name for p in prefixes for name in (*MODEL_FOLDER_FILES, SCHEDULER_FILE)]
+    parent = Path(inner).parent.as_posix() if inner else "."
+    patterns.append(f"scheduler/{SCHEDULER_FILE}" if parent == "." else f"{parent}/scheduler/{SCHEDULER_FILE}")
+    return patterns if inner else ["model_index.json", *patterns]
+
+
 def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", device=None,
                   cache_dir=None) -> Denoiser:
     """Load a denoiser in eval mode from any of the places official or converted weights live.
 
     `src`: a `Denoiser` (returned as is, moved to `device`/`dtype` if given), an official `.pkl` file, an http(s)
     URL of one (cached in `cache_dir`, `$SIDA_CACHE` or ~/.cache/sida_diffusers), a name in `KNOWN_NETWORKS`, a
-    shipped teacher ('digits', 'digits-uncond', as `--teacher`), a Diffusers model folder, or a Hub reference:
-    `owner/repo`, `owner/repo:subfolder` or `owner/repo/path/file.pkl`.
+    shipped teacher ('digits', 'digits-uncond', 'digits-ddpm', as `--teacher`), a Diffusers model folder (a denoiser
+    of this package, or a DDPM/DDIM `UNet2DModel` with its scheduler config: a pipeline folder, or a bare unet/
+    folder with the config beside it), or a Hub reference to either: `owner/repo`, `owner/repo:subfolder` or
+    `owner/repo/path/file.pkl`.
     `key` names the network entry of an official pickle. Official weights are loaded key for key (strict).
     """
     if isinstance(src, Denoiser):
@@ -308,8 +325,7 @@ def load_denoiser(src, dtype: Optional[torch.dtype] = None, key: str = "ema", de
             if inner.endswith(".pkl"):
                 local = Path(hf_hub_download(repo_id, filename=inner, cache_dir=cache_dir))
             else:
-                prefixes = [f"{inner}/"] if inner else ["", "unet/"]  # a model folder, or a pipeline's denoiser
-                patterns = [p + name for p in prefixes for name in MODEL_FOLDER_FILES]  # nothing else is fetched
+                patterns = _folder_patterns(inner)  # nothing else is fetched
                 snapshot = Path(snapshot_download(repo_id, allow_patterns=patterns, cache_dir=cache_dir))
                 local = snapshot / inner
         except Exception as e:  # network, auth, missing repo/file: all end the same way for the caller

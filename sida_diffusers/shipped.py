@@ -10,16 +10,18 @@ from pathlib import Path
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-# name -> asset folder of the tiny EDM digits teachers (reproduced by examples/train_teacher.py)
-SHIPPED_TEACHERS = {"digits": "digits_teacher_cond", "digits-uncond": "digits_teacher_uncond"}
+# name -> asset folder of the tiny digits teachers: EDM (reproduced by examples/train_teacher.py) and a Diffusers
+# DDPMPipeline folder (examples/train_ddpm_teacher.py)
+SHIPPED_TEACHERS = {"digits": "digits_teacher_cond", "digits-uncond": "digits_teacher_uncond",
+                    "digits-ddpm": "digits_ddpm"}
 
 
 def shipped_teacher_path(name: str) -> Path:
-    """Diffusers folder of the shipped teacher called `name` ('digits' or 'digits-uncond')."""
+    """Diffusers folder of the shipped teacher called `name` ('digits', 'digits-uncond' or 'digits-ddpm')."""
     if name not in SHIPPED_TEACHERS:
         raise ValueError(f"{name!r} is not a shipped teacher; shipped: {', '.join(SHIPPED_TEACHERS)}.")
     path = ASSETS_DIR / SHIPPED_TEACHERS[name]
-    if not (path / "config.json").is_file():
+    if not ((path / "config.json").is_file() or (path / "model_index.json").is_file()):
         raise FileNotFoundError(f"shipped weights {path} are missing; reinstall sida_diffusers (the assets are package "
                                 "data) or recreate them with `python examples/train_teacher.py`.")
     return path

@@ -337,3 +337,30 @@ def resume(tmp_path, folder, digits, **overrides):
 
     cfg = tiny_config(tmp_path, resume_from_checkpoint=str(folder), **overrides)
     return SiDATrainer(cfg, teacher=tiny_teacher(), dataset=digits)
+
+
+def tiny_unet2d(label_dim=0, channels=1, resolution=8, seed=0, scale=0.1, dropout=0.0):
+    """A real Diffusers UNet2DModel (attention at the second level) small enough for a CPU step in milliseconds;
+    weights redrawn N(0, scale^2) so that outputs depend on the input, the timestep and the label."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=resolution, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
+                       layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4,
+                       num_class_embeds=label_dim or None, dropout=dropout)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.copy_(scale * torch.randn(p.shape, generator=g))
+    return unet.eval()
+
+
+def save_ddpm_folder(path, unet, **scheduler_kwargs):
+    """A Diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/) as DDPMPipeline.save_pretrained writes
+    it, the layout of a Hub DDPM checkpoint such as google/ddpm-cifar10-32; returns the scheduler."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    scheduler = DDPMScheduler(**scheduler_kwargs)
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
+    return scheduler

@@ -261,9 +261,12 @@ def test_missing_sources_and_foreign_folders_give_clear_errors(tmp_path):
         load_denoiser("no such model!")
     with pytest.raises(FileNotFoundError, match="without config.json"):
         load_denoiser(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
-    with pytest.raises(ValueError, match=r"names class 'UNet2DModel', which is not a sida_diffusers denoiser; "
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(ValueError, match=r"names class 'AutoencoderKL', which is not a sida_diffusers denoiser; "
                                          r"known classes: .*'EDM2Precond'"):
+        load_denoiser(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))  # a DDPM UNet needs its schedule
+    with pytest.raises(FileNotFoundError, match=r"UNet2DModel folder without its noise schedule"):
         load_denoiser(tmp_path)
 
 
@@ -296,9 +299,12 @@ def test_hub_repo_with_a_diffusers_subfolder_is_snapshot_downloaded(official_pkl
     monkeypatch.setattr(checkpoints, "snapshot_download", fake_snapshot_download)
     assert type(load_denoiser("someone/sida-cifar10:unet")).__name__ == "EDMPrecond"
     assert type(load_denoiser("someone/sida-cifar10")).__name__ == "EDMPrecond"  # a pipeline root: unet/ is used
-    model_files = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.safetensors.index.json"]
-    assert requests == [("someone/sida-cifar10", [f"unet/{f}" for f in model_files]),  # nothing else is fetched
-                        ("someone/sida-cifar10", model_files + [f"unet/{f}" for f in model_files])]
+    model_files = ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.safetensors.index.json",
+                   "scheduler_config.json"]  # a DDPM teacher's scheduler config may sit in the model folder too
+    assert requests == [("someone/sida-cifar10", [f"unet/{f}" for f in model_files]  # nothing else is fetched
+                         + ["scheduler/scheduler_config.json"]),
+                        ("someone/sida-cifar10", ["model_index.json"] + model_files + [f"unet/{f}" for f in model_files]
+                         + ["scheduler/scheduler_config.json"])]
 
 
 def test_hub_failures_say_what_was_tried(monkeypatch):

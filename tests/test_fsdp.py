@@ -163,6 +163,24 @@ def test_fsdp_on_one_process_trains_like_the_unsharded_run_and_checkpoints_the_s
             torch.testing.assert_close(sharded[key], plain[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_a_diffusers_unet2d_teacher_shards_by_its_resnet_and_attention_blocks(tmp_path, digits8, one_process_group):
+    from diffusers import DDPMScheduler
+
+    from sida_diffusers.networks.unet2d import UNet2DDenoiser
+    from sida_diffusers.training import SiDATrainer
+    from sida_diffusers.training.sharding import is_sharded, unsharded_class
+
+    from conftest import tiny_config, tiny_unet2d
+
+    teacher = UNet2DDenoiser.over(tiny_unet2d(label_dim=10), DDPMScheduler())
+    trainer = SiDATrainer(tiny_config(tmp_path, fsdp=True, warmup_kimg=0, adversarial_start_kimg=0, augment_p=0),
+                          teacher=teacher, dataset=digits8)
+    units = [unsharded_class(m).__name__ for m in trainer.unwrap(trainer.generator).modules() if is_sharded(m)]
+    assert {"ResnetBlock2D", "Attention"} <= set(units)
+    trainer.step()
+    assert all(torch.isfinite(v) for v in trainer.last_losses.values())
+
+
 def test_accelerate_launch_use_fsdp_maps_onto_fsdp(monkeypatch):
     from sida_diffusers.training import make_config
 

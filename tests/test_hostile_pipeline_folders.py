@@ -54,12 +54,12 @@ def refused(folder, *problem, cls=SiDAPipeline, **kwargs):
 def test_an_unknown_component_is_refused_and_its_module_never_imported(pipeline_folder, evil_module):
     edit_index(pipeline_folder, safety_checker=[EVIL, "Checker"])
     refused(pipeline_folder, f"{pipeline_folder}/model_index.json lists an unknown component 'safety_checker'",
-            "has only ['unet', 'vae']. Remove the entry.")
+            "has only ['scheduler', 'unet', 'vae']. Remove the entry.")
 
 
 @pytest.mark.parametrize("component, entry", [
     ("unet", [EVIL, "EDMPrecond"]),                     # our class name, another module
-    ("unet", ["diffusers", "UNet2DModel"]),             # a real Diffusers model, but not a denoiser of ours
+    ("unet", ["diffusers", "UNet2DConditionModel"]),    # a real Diffusers model, but not one we can distil
     ("unet", ["sida_diffusers.networks.edm", "SongUNet"]),  # ours, but not a Denoiser
     ("vae", ["transformers", "CLIPTextModel"]),
     ("vae", ["sida_diffusers.networks.precond", "EDMPrecond"]),  # a denoiser where the VAE belongs

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from sida_diffusers.networks import denoiser_from_official
+from sida_diffusers.shipped import SHIPPED_TEACHERS
 from sida_diffusers.training import SiDATrainer, make_config
 from sida_diffusers.training.config import load_presets
 from sida_diffusers.training.memory_plan import (
@@ -22,12 +23,12 @@ from sida_diffusers.training.memory_plan import (
 )
 from sida_diffusers.training.models import student_networks
 
-from conftest import REPO_ROOT, tiny_config, tiny_edm2, tiny_teacher
+from conftest import REPO_ROOT, tiny_config, tiny_edm2, tiny_teacher, tiny_unet2d
 
 
 def test_every_preset_teacher_architecture_builds_on_meta_with_its_official_parameter_count():
     architectures = load_architectures()
-    teachers = {values["teacher"] for values in load_presets().values()} - {"digits"}
+    teachers = {values["teacher"] for values in load_presets().values()} - set(SHIPPED_TEACHERS)
     assert teachers <= set(architectures)
     for name, spec in architectures.items():
         with torch.device("meta"):
@@ -38,7 +39,7 @@ def test_every_preset_teacher_architecture_builds_on_meta_with_its_official_para
 
 @pytest.mark.parametrize("precision,checkpointing", [("no", False), ("no", True), ("bf16", False)],
                          ids=["fp32", "fp32 + gradient checkpointing", "bf16 autocast"])
-@pytest.mark.parametrize("family", ["EDM", "EDM2"])
+@pytest.mark.parametrize("family", ["EDM", "EDM2", "UNet2DModel"])
 def test_planned_activations_are_what_the_real_networks_keep(family, precision, checkpointing):
     # The plan runs the generator phase's forward passes on meta (or fake) tensors; the same passes on real CPU
     # tensors keep those bytes alive for backward, at every batch size (the plan extrapolates from batches 1 and 2).
@@ -47,8 +48,15 @@ def test_planned_activations_are_what_the_real_networks_keep(family, precision, 
                       attn_resolutions=[8], augment_dim=9, dropout=0.1, img_resolution=16, img_channels=3,
                       label_dim=10)
         factory, extra = lambda: denoiser_from_official("EDMPrecond", kwargs), {}
-    else:
+    elif family == "EDM2":
         factory, extra = lambda: tiny_edm2(dropout=0.1), dict(use_logvar=True, force_normalization=True)
+    else:
+        from diffusers import DDPMScheduler
+
+        from sida_diffusers.networks.unet2d import UNet2DDenoiser
+
+        factory = lambda: UNet2DDenoiser.over(tiny_unet2d(label_dim=10, resolution=16, dropout=0.1), DDPMScheduler())
+        extra = {}
     cfg = make_config(teacher="tiny", train_data="tiny", mixed_precision=precision,
                       gradient_checkpointing=checkpointing, **extra)
     plan = make_plan(cfg, factory)

@@ -33,8 +33,10 @@ def test_every_preset_builds_a_config_for_every_method():
         for method in ("sid", "sida", "sid2a"):
             cfg = make_config(preset=name, method=method)
             assert isinstance(cfg, TrainConfig) and cfg.method == method
-            # SiD²A starts from a published SiD generator; digits has none (pass a digits SiD run's pipeline/unet)
-            assert (cfg.generator_init is not None) == (method == "sid2a" and name != "digits")
+            # SiD²A starts from a published SiD generator; the digits and DDPM teachers have none (pass the
+            # pipeline/unet of a SiD run from them)
+            unpublished = name in ("digits", "digits-ddpm", "ddpm-cifar10")
+            assert (cfg.generator_init is not None) == (method == "sid2a" and not unpublished)
     edm2_s = make_config(preset="edm2-s")
     assert (edm2_s.force_normalization, edm2_s.use_logvar, edm2_s.discriminator_loss_scale, edm2_s.P_mean) == (False, False, 100, -0.4)
 

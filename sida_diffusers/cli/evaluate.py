@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     try:
         pipe = load_pipeline(args.pipeline, args.device)
-        unet = pipe.unet
+        unet = pipe.denoiser
         options = dict(batch_size=args.batch_size, device=args.device, inception=args.inception,
                        inception_mode=args.inception_mode, dinov2=args.dinov2, image_shape=image_shape(pipe))
         reference, digits_labels = args.ref, None

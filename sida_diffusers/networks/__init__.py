@@ -1,4 +1,4 @@
-"""Raw UNets and preconditioned denoisers (EDM and EDM2 families)."""
+"""Raw UNets and preconditioned denoisers (EDM and EDM2 families, and Diffusers UNet2DModel VP teachers)."""
 
 from sida_diffusers.networks.base import RETURN_FLAGS, Denoiser, edm_preconditioning, one_hot
 from sida_diffusers.networks.edm import DhariwalUNet, SongUNet
@@ -6,10 +6,11 @@ from sida_diffusers.networks.edm2 import normalize_mpconv_weights_
 from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond, VEPrecond, VPPrecond, iDDPMPrecond
 from sida_diffusers.networks.precond_edm2 import EDM2Precond
+from sida_diffusers.networks.unet2d import UNet2DDenoiser
 
 
 __all__ = [
-    "Denoiser", "DhariwalUNet", "EDM2Precond", "EDMPrecond", "RETURN_FLAGS", "SongUNet", "UNetBlock", "VEPrecond",
+    "Denoiser", "DhariwalUNet", "EDM2Precond", "EDMPrecond", "RETURN_FLAGS", "SongUNet", "UNet2DDenoiser", "UNetBlock", "VEPrecond",
     "VPPrecond", "denoiser_classes", "denoiser_from_official", "edm_preconditioning", "iDDPMPrecond", "normalize_mpconv_weights_",
     "one_hot",
 ]

@@ -1,4 +1,5 @@
-"""Sampling pipelines: the one-step SiDAPipeline, the teacher's EDM Heun sampler, and sample grids."""
+"""Sampling pipelines: the one-step SiDAPipeline, the teacher's EDM Heun sampler, for Diffusers UNet2DModel teachers
+their own Diffusers scheduler (SchedulerSamplerPipeline), and sample grids."""
 
 from sida_diffusers.latents import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE
 from sida_diffusers.pipelines.edm_sampler import (
@@ -18,6 +19,7 @@ from sida_diffusers.pipelines.pipeline_sida import (
     seed_noise,
     uint8_to_pil,
 )
+from sida_diffusers.pipelines.scheduler_sampler import SchedulerSamplerPipeline, scheduler_for
 
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "EDMHeunPipelineOutput",
     "GRID_MIN_WIDTH",
     "HEUN_PRESETS",
+    "SchedulerSamplerPipeline",
     "SiDAPipeline",
     "edm_sampler",
     "grid_image",
@@ -36,6 +39,7 @@ __all__ = [
     "karras_sigmas",
     "np_to_uint8",
     "sample_grid",
+    "scheduler_for",
     "seed_generators",
     "seed_noise",
     "uint8_to_pil",

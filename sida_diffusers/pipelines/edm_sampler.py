@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import UNet2DModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -117,20 +118,22 @@ class EDMHeunPipelineOutput(BaseOutput):
 class EDMHeunPipeline(EDMFamilyPipeline):
     r"""The teacher baseline: an EDM/EDM2 denoiser sampled with EDM's Heun sampler.
 
-    Components: `unet` (the teacher `Denoiser`), optional `vae` (EDM2 latents, with `latent_scale`/`latent_bias`)
-    and optional `guide` (EDM2 guidance net). `preset` picks the published settings: "cifar10" (35 NFE), "ffhq" /
+    Components: `unet` (the teacher `Denoiser`, or a Diffusers UNet2DModel with its `scheduler`, sampled on the
+    sigma ladder of that schedule: ALGORITHM.md §12.5), optional `vae` (EDM2 latents, with
+    `latent_scale`/`latent_bias`) and optional `guide` (EDM2 guidance net). `preset` picks the published settings: "cifar10" (35 NFE), "ffhq" /
     "afhq" (79 NFE), "imagenet64" (511 NFE, stochastic), "edm2" (63 NFE); default "edm2" for latent models, else
     "cifar10". Labels, generators and output types behave as in `SiDAPipeline`.
     """
 
     model_cpu_offload_seq = "unet->guide->vae"
-    _optional_components = ["vae", "guide"]
+    _optional_components = ["vae", "guide", "scheduler"]
 
     def __init__(
         self,
-        unet: Denoiser,
+        unet: Union[Denoiser, UNet2DModel],
         vae=None,
         guide: Optional[Denoiser] = None,
+        scheduler=None,
         preset: Optional[str] = None,
         id2label: Optional[dict] = None,
         latent_scale: Optional[list] = None,
@@ -139,7 +142,7 @@ class EDMHeunPipeline(EDMFamilyPipeline):
         super().__init__()
         preset = preset or ("edm2" if latent_scale is not None else "cifar10")
         _check_preset(preset)
-        self._register_common(unet, vae, id2label, latent_scale, latent_bias)
+        self._register_common(unet, vae, id2label, latent_scale, latent_bias, scheduler)
         self.register_modules(guide=guide)
         self.register_to_config(preset=preset)
 
@@ -191,7 +194,7 @@ class EDMHeunPipeline(EDMFamilyPipeline):
         eps = self.prepare_noise(batch_size, generator, latents, device)
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device, label_pool)
         guide = self.guide if guidance != 1 else None
-        x = edm_sampler(self.unet, eps, labels, generator=generator, guide=guide, guidance=guidance,
+        x = edm_sampler(self.denoiser, eps, labels, generator=generator, guide=guide, guidance=guidance,
                         progress=self.progress_bar, **settings)
 
         images = self.postprocess(x, output_type)

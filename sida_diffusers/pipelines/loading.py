@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional
 
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, SchedulerMixin, UNet2DModel
 
 from sida_diffusers.networks import denoiser_classes
+from sida_diffusers.networks.unet2d import SCHEDULER_CLASSES, check_scheduler_config, check_unet_config
 from sida_diffusers.pipelines.publishing import (
     MAX_INDEX_BYTES,
     PUBLISHED_FILES,
@@ -22,7 +23,12 @@ from sida_diffusers.pipelines.publishing import (
 )
 from sida_diffusers.pipelines.standalone import COMPONENT_MODULE, STANDALONE_MODULE
 from sida_diffusers.safe_io.files import read_json
-from sida_diffusers.safe_io.model_files import MODEL_FOLDER_FILES, check_model_folder
+from sida_diffusers.safe_io.model_files import (
+    MAX_CONFIG_BYTES,
+    MODEL_FOLDER_FILES,
+    check_model_folder,
+    read_model_config,
+)
 from sida_diffusers.safe_io.paths import check_folder_files, folder_root, inside_folder
 
 
@@ -32,10 +38,28 @@ _ABSENT = (None, None)  # how model_index.json records an optional component tha
 
 
 def allowed_components(name: str) -> dict:
-    """(library, class name) -> class that component `name` may name: the VAE is AutoencoderKL, the rest denoisers."""
+    """(library, class name) -> class that component `name` may name: the VAE is AutoencoderKL, the scheduler one of
+    Diffusers' VP schedulers, the rest denoisers or, for `unet`, Diffusers' UNet2DModel (ALGORITHM.md §12)."""
+    import diffusers
+
     if name == "vae":
         return {("diffusers", "AutoencoderKL"): AutoencoderKL}
-    return {(cls.__module__, cls.__name__): cls for cls in denoiser_classes().values()}
+    if name == "scheduler":
+        return {("diffusers", cls): getattr(diffusers, cls) for cls in SCHEDULER_CLASSES}
+    allowed = {(cls.__module__, cls.__name__): cls for cls in denoiser_classes().values()}
+    return {**allowed, ("diffusers", "UNet2DModel"): UNet2DModel} if name == "unet" else allowed
+
+
+def _check_component(cls, folder: Path, variant: Optional[str], root: Path) -> None:
+    """A scheduler's config is checked value by value; a network's config against its weights, on meta."""
+    if issubclass(cls, SchedulerMixin):
+        path = folder / cls.config_name
+        inside_folder(path, root)
+        check_scheduler_config(read_json(path, max_bytes=MAX_CONFIG_BYTES), str(path))
+        return
+    if cls is UNet2DModel:
+        check_unet_config(read_model_config(folder, "UNet2DModel", root), f"{folder}/config.json")
+    check_model_folder(cls, folder, variant, root)
 
 
 def _is_component_entry(entry) -> bool:
@@ -47,8 +71,9 @@ def download_patterns(pipeline_cls) -> list:
     reads (model_index.json, the card, grid and run_info, each component's config and safetensors weights), nothing
     else a repository may hold."""
     components, _ = pipeline_cls._get_signature_keys(pipeline_cls)
-    return ["model_index.json", *PUBLISHED_FILES, *(f"{name}/{file}" for name in sorted(components)
-                                                   for file in MODEL_FOLDER_FILES)]
+    scheduler = ["scheduler/scheduler_config.json"] if "scheduler" in components else []  # ALGORITHM.md §12
+    return ["model_index.json", *PUBLISHED_FILES, *scheduler, *(f"{name}/{file}" for name in sorted(components)
+                                                                if name != "scheduler" for file in MODEL_FOLDER_FILES)]
 
 
 def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = (), variant: Optional[str] = None):
@@ -94,4 +119,4 @@ def check_pipeline_folder(pipeline_cls, folder: Path, passed: Iterable[str] = ()
         if (folder / name).is_dir():
             inside_folder(folder / name, root)
             check_folder_files(folder / name, sorted(p.name for p in (folder / name).iterdir()), root)
-        check_model_folder(allowed[tuple(entry)], folder / name, variant, root)
+        _check_component(allowed[tuple(entry)], folder / name, variant, root)

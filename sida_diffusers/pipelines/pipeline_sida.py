@@ -16,12 +16,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import UNet2DModel
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
+from sida_diffusers.pipelines.components import DenoiserView, split_components
 from sida_diffusers.pipelines.conventions import PipelineConventionsMixin
 from sida_diffusers.pipelines.loading import check_pipeline_folder, download_patterns
 from sida_diffusers.pipelines.publishing import PublishingMixin
@@ -121,25 +123,26 @@ def _check_floats(name: str, values) -> Optional[list]:
     return values
 
 
-class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
-    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` (`unet`) with an optional `vae`."""
+class EDMFamilyPipeline(DenoiserView, PipelineConventionsMixin, DiffusionPipeline):
+    """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` with an optional `vae`.
+
+    The denoiser is the `unet` component, or for a Diffusers UNet2DModel a view over `unet` and `scheduler`
+    (`pipelines.components`); `denoiser` is what every sampler uses.
+    """
 
     model_cpu_offload_seq = "unet->vae"
-    _optional_components = ["vae"]
+    _optional_components = ["vae", "scheduler"]
 
-    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias):
-        if not isinstance(unet, Denoiser):
-            raise ValueError(
-                f"unet must be a sida_diffusers Denoiser (e.g. EDMPrecond, EDM2Precond), got {type(unet).__name__}; "
-                "load official weights with sida_diffusers.load_denoiser(...)."
-            )
+    def _register_common(self, unet, vae, id2label, latent_scale, latent_bias, scheduler=None):
+        denoiser, unet, scheduler = split_components(unet, scheduler)
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
         id2label = _check_id2label(id2label)
         latent_scale, latent_bias = (_check_floats(name, v) for name, v in (("latent_scale", latent_scale),
                                                                             ("latent_bias", latent_bias)))
-        self.register_modules(unet=unet, vae=vae)
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
+        self._remember_denoiser(denoiser, scheduler)  # the denoiser given, e.g. the trainer's EMA generator
         # name -> class index; comma-separated synonyms (ImageNet's "tench, Tinca tinca") each map to the index, as DiT.
         self.labels = {}
         for index, names in (id2label or {}).items():
@@ -207,7 +210,7 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
         that image's generator after its noise, as in EDM's generate script, so image i depends only on generator i
         whatever the batch size.
         """
-        label_dim = self.unet.label_dim
+        label_dim = self.denoiser.label_dim
         if label_dim == 0:
             if class_labels is not None or label_pool is not None:
                 raise ValueError("this model is unconditional (label_dim=0) but class_labels were given; pass None.")
@@ -295,7 +298,7 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
         return _as_generators(generator, batch_size)
 
     def sample_shape(self, batch_size: int) -> tuple:
-        unet = self.unet
+        unet = self.denoiser
         return (batch_size, unet.img_channels, unet.img_resolution, unet.img_resolution)
 
     def prepare_noise(self, batch_size: int, generator: GeneratorLike, latents: Optional[torch.Tensor], device):
@@ -338,7 +341,7 @@ class EDMFamilyPipeline(PipelineConventionsMixin, DiffusionPipeline):
 
     def run_generator(self, z: torch.Tensor, sigma: float, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """x = G(z; sigma, c) with zero augment labels for nets that take them (ALGORITHM.md §2, §10 item 8)."""
-        unet = self.unet
+        unet = self.denoiser
         augment = torch.zeros(z.shape[0], unet.augment_dim, device=z.device) if unet.augment_dim else None
         sigma = torch.full((z.shape[0], 1, 1, 1), float(sigma), device=z.device)
         return unet(z, sigma, labels, augment_labels=augment)
@@ -349,6 +352,8 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
     Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
+    A generator distilled from a Diffusers UNet2DModel teacher is stored as that: `unet` is a plain `UNet2DModel`
+    and `scheduler` carries its noise schedule (ALGORITHM.md §12); `pipe.denoiser` is the generator either way.
     Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
     None for pixel models). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
@@ -362,8 +367,9 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
 
     def __init__(
         self,
-        unet: Denoiser,
+        unet: Union[Denoiser, UNet2DModel],
         vae=None,
+        scheduler=None,                     # the noise schedule of a UNet2DModel unet (§12); None otherwise
         init_sigma: float = INIT_SIGMA,    # sigma of the generator's input noise z = init_sigma * eps (§2)
         id2label: Optional[dict] = None,    # class index -> name(s)
         latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
@@ -377,7 +383,7 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         if not valid:
             raise ValueError(f"init_sigma must be positive and finite (the official value is {INIT_SIGMA}), got "
                              f"{str(init_sigma)[:40]} (in model_index.json when the pipeline was loaded).")
-        self._register_common(unet, vae, id2label, latent_scale, latent_bias)
+        self._register_common(unet, vae, id2label, latent_scale, latent_bias, scheduler)
         self.register_to_config(init_sigma=float(init_sigma))
 
     @torch.no_grad()

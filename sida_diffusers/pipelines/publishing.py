@@ -244,16 +244,18 @@ class PublishingMixin:
     def write_standalone_module(self, folder: Path) -> bool:
         """Write `sida_standalone.py` to `folder` and `unet/sida_unet.py` and name them in model_index.json. False
         (nothing written) when the unet's class is not one of the package's own, which the standalone module could
-        not build."""
+        not build. A Diffusers UNet2DModel unet stays Diffusers' own component: only the pipeline module is written."""
         unet_class = type(getattr(self.unet, "_orig_mod", self.unet))  # a torch.compile'd unet saves its module
-        if unet_class.__module__ not in STANDALONE_SOURCES:
+        plain = unet_class.__module__.split(".")[0] == "diffusers"
+        if unet_class.__module__ not in STANDALONE_SOURCES and not plain:
             return False
         (folder / f"{STANDALONE_MODULE}.py").write_text(standalone_source(), encoding="utf-8")
-        (folder / "unet" / f"{COMPONENT_MODULE}.py").write_text(component_source(), encoding="utf-8")
         index_path = folder / "model_index.json"
         index = json.loads(index_path.read_text())
         index["_class_name"] = [STANDALONE_MODULE, type(self).__name__]
-        index["unet"] = [COMPONENT_MODULE, unet_class.__name__]
+        if not plain:
+            (folder / "unet" / f"{COMPONENT_MODULE}.py").write_text(component_source(), encoding="utf-8")
+            index["unet"] = [COMPONENT_MODULE, unet_class.__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")  # as Diffusers' save_config
         return True
 

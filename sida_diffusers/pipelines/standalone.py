@@ -43,8 +43,10 @@ STANDALONE_SOURCES = (
     "sida_diffusers.networks.edm2",
     "sida_diffusers.networks.precond",
     "sida_diffusers.networks.precond_edm2",
+    "sida_diffusers.networks.unet2d",
     "sida_diffusers.pipelines.conventions",
     "sida_diffusers.pipelines.publishing",
+    "sida_diffusers.pipelines.components",
     "sida_diffusers.pipelines.pipeline_sida",
 )
 # Package names the inlined code imports but the standalone module does without, with what stands in for them (text,

@@ -50,6 +50,10 @@ class TrainConfig:
     resolution: Optional[int] = _f(None, "resize the real images to this resolution (must equal the teacher's)")
     vae: str = _f("stabilityai/sd-vae-ft-mse", "EDM2 only: the VAE that decodes latents for sample grids, "
                                                "evaluation and the exported pipeline (§6.1)")
+    teacher_scheduler: str = _f("DDIMScheduler", "Diffusers UNet2DModel teachers: the Diffusers scheduler of the "
+                                                 "teacher's own baseline in the run summary, built from the teacher's "
+                                                 "scheduler config (EDM Heun, 35 NFE, is always measured too; §12.5)")
+    teacher_num_inference_steps: int = _f(50, "Diffusers UNet2DModel teachers: steps of --teacher_scheduler")
     # the method (ALGORITHM.md §4, §5)
     alpha: float = _f(1.0, "SiD alpha (§4.3)")
     tmax: float = _f(800, "generator losses use t ~ U(0, tmax/1000) on the Karras schedule (§4.3)")
@@ -166,6 +170,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
         if self.train_batch_size < 1:
             raise ValueError(f"train_batch_size must be >= 1, got {self.train_batch_size}.")
+        if self.teacher_num_inference_steps < 1:
+            raise ValueError(f"teacher_num_inference_steps must be >= 1, got {self.teacher_num_inference_steps}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
         if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:

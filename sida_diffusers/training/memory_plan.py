@@ -131,16 +131,25 @@ def teacher_factory(source: str):
     """A function building the teacher named by `--teacher` without its weights: a preset teacher (its official
     architecture), a shipped teacher or a Diffusers folder (its config.json)."""
     from sida_diffusers.networks import denoiser_classes, denoiser_from_official
+    from sida_diffusers.networks.unet2d import UNet2DDenoiser, check_scheduler_config, check_unet_config
     from sida_diffusers.safe_io.files import read_json
-    from sida_diffusers.safe_io.model_files import check_model_folder
+    from sida_diffusers.safe_io.model_files import check_model_folder, read_model_config
+    from sida_diffusers.safe_io.unet2d_files import find_unet2d
     from sida_diffusers.shipped import SHIPPED_TEACHERS, shipped_teacher_path
 
     name = source.removesuffix("-fid").removesuffix("-dino")
     architectures = load_architectures()
     if name in architectures:
         spec = architectures[name]
+        if spec["class_name"] == "UNet2DDenoiser":
+            return lambda: UNet2DDenoiser(**spec["init_kwargs"])
         return lambda: denoiser_from_official(spec["class_name"], spec["init_kwargs"])
     folder = shipped_teacher_path(source) if source in SHIPPED_TEACHERS else Path(source)
+    unet2d = find_unet2d(folder) if folder.is_dir() else None
+    if unet2d is not None:  # a DDPM/DDIM teacher: its UNet2DModel config and scheduler config
+        unet_config = check_unet_config(read_model_config(unet2d[0]), str(unet2d[0]))
+        scheduler_config = check_scheduler_config(read_json(unet2d[1]), str(unet2d[1]))
+        return lambda: UNet2DDenoiser(unet_config=unet_config, scheduler_config=scheduler_config)
     if (folder / "unet" / "config.json").is_file() and not (folder / "config.json").is_file():
         folder = folder / "unet"
     if not (folder / "config.json").is_file():
@@ -171,7 +180,9 @@ def _fused_attention_on_meta():
     original = functional.scaled_dot_product_attention
 
     def fused(q, k, v, *args, **kwargs):
-        if q.device.type == "meta" and q.dim() == 4 and not args and not kwargs:  # fused kernels take 4-d only
+        plain = not args and kwargs.get("attn_mask") is None and not kwargs.get("dropout_p") \
+            and not kwargs.get("is_causal") and kwargs.get("scale") is None
+        if q.device.type == "meta" and q.dim() == 4 and plain:  # fused kernels take 4-d only
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
         return original(q, k, v, *args, **kwargs)
 
@@ -206,19 +217,21 @@ def _generator_phase_bytes(cfg: TrainConfig, teacher, fake, gen, batch: int, dev
 
 def _largest_block_bytes(net, batch: int, device: str) -> int:
     """The most bytes one block keeps for its backward (what checkpointing recomputes at once), at `batch` images."""
-    backbone, deltas = net.backbone, []
-    blocks = [m for m in net.modules() if type(m).__name__ in set(net._no_split_modules or ())]
-    weights = [*net.parameters(), *net.buffers()]
-    with LiveTensorBytes(ignore=weights) as tracker:
+    deltas, names = [], set(net._no_split_modules or ())
+    blocks = [m for m in net.modules() if type(m).__name__ in names]
+    switches = [m for m in net.modules() if getattr(m, "gradient_checkpointing", False)]
+    with LiveTensorBytes(ignore=[*net.parameters(), *net.buffers()]) as tracker:
         hooks = [b.register_forward_pre_hook(lambda *a: deltas.append(-tracker.current)) for b in blocks]
         hooks += [b.register_forward_hook(lambda *a: deltas.append(deltas.pop() + tracker.current)) for b in blocks]
-        backbone.gradient_checkpointing = False
+        for module in switches:
+            module.gradient_checkpointing = False
         try:
             labels = torch.zeros(batch, net.label_dim, device=device) if net.label_dim else None
             net(torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device), 1.0,
                 labels)
         finally:
-            backbone.gradient_checkpointing = True
+            for module in switches:
+                module.gradient_checkpointing = True
             for hook in hooks:
                 hook.remove()
     return max(deltas, default=0)

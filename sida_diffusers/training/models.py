@@ -31,6 +31,8 @@ def derive_network(source: Denoiser, dropout: Optional[float] = None, logvar: Op
     if dropout is not None:
         if "model_kwargs" in config:  # EDM family: the UNet keywords hold the dropout
             config["model_kwargs"] = {**(config["model_kwargs"] or {}), "dropout": dropout}
+        elif "unet_config" in config:  # a Diffusers UNet2DModel (ALGORITHM.md §12)
+            config["unet_config"] = {**config["unet_config"], "dropout": dropout}
         else:
             config["dropout"] = dropout
     if logvar is not None and "logvar_channels" in config:
@@ -58,7 +60,10 @@ def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[D
     """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, ema, opt_fake, opt_gen)``,
     the first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA
     model a frozen copy of the generator laid out like it and `ema` its `HalfLifeEMA` (ALGORITHM.md §13.1, §13.2). The
-    teacher is moved to `device` first."""
+    teacher is moved to `device` after the memory plan says the launch fits (`memory_plan.check_fits`)."""
+    from sida_diffusers.training.memory_plan import check_fits
+
+    check_fits(cfg, teacher, device, layout.accelerator.num_processes)  # before anything is on the device
     fake, gen = student_networks(cfg, teacher.to(device), init)
     ema = copy.deepcopy(gen).eval().requires_grad_(False).to(device)
     fake, gen = fake.to(device), gen.to(device)

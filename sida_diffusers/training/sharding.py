@@ -216,6 +216,7 @@ class NetworkLayout:
             return full, {name: opt.state_dict() for name, opt in optimizers.items()}
         return full, {name: full_optimizer_state(opt, keep=self.main) for name, opt in optimizers.items()}
 
-    def checkpoint_views(self, targets: dict) -> dict:
-        """What `checkpointing.load_checkpoint` loads full tensors into (ALGORITHM.md §13.3)."""
-        return {name: FullStateView(t) if self.sharded else t for name, t in targets.items()}
+    def checkpoint_views(self, networks: dict, **optimizers) -> tuple:
+        """``(networks, optimizers)`` as `checkpointing.load_checkpoint` loads full tensors into them (§13.3)."""
+        view = FullStateView if self.sharded else (lambda target: target)
+        return ({name: view(n) for name, n in networks.items()}, {name: view(o) for name, o in optimizers.items()})

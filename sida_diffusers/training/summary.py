@@ -1,10 +1,12 @@
 """The end-of-run report: where everything was written, and the one-step student against its multi-step teacher.
 
-When the run evaluated FD-digits (the embedded digits default), `teacher_baseline` evaluates the teacher with EDM's
-Heun sampler (18 steps = 35 NFE, the "cifar10" preset) through `EDMHeunPipeline.generate_uint8`, on exactly the seeds
-and per-seed labels of the student's evaluation, so the two numbers are a paired comparison (the paper's headline: a
-one-step student that matches or beats its teacher). The teacher value is computed once per run and reused from
-`summary.json` when a resumed run finishes again. `write_run_summary` takes everything it reports as arguments.
+When the run evaluated FD-digits (the embedded digits default), `teacher_baseline` evaluates the teacher with each of
+its `teacher_samplers` through their pipelines' `generate_uint8`, on exactly the seeds and per-seed labels of the
+student's evaluation, so the numbers are paired comparisons (the paper's headline: a one-step student that matches or
+beats its teacher). Every teacher gets EDM's Heun sampler (18 steps = 35 NFE, the "cifar10" preset); a Diffusers
+UNet2DModel teacher also gets its own Diffusers sampler, e.g. DDIM with 50 steps (ALGORITHM.md §12.5). Each teacher
+value is computed once per run and reused from `summary.json` when a resumed run finishes again.
+`write_run_summary` takes everything it reports as arguments.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 import json
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -54,32 +57,79 @@ def teacher_pipeline(teacher) -> EDMHeunPipeline:
     return pipe
 
 
-def teacher_cache_key(teacher_name: str, num_samples: int) -> dict:
-    return {"teacher": teacher_name, "sampler": TEACHER_SAMPLER, "num_samples": num_samples, "first_seed": 0,
+@dataclass(frozen=True)
+class TeacherSampler:
+    """One multi-step sampler of the teacher's baseline: its cache name, printed label, NFE and pipeline."""
+
+    sampler: str                 # the name summary.json records it under, e.g. "cifar10" (Heun) or "DDIMScheduler-50"
+    label: str                   # e.g. "Heun 35 NFE", "DDIM 50 steps"
+    nfe: int
+    num_steps: int
+    make_pipeline: Callable      # teacher -> pipeline with generate_uint8
+    call_kwargs: dict = field(default_factory=dict)
+
+
+HEUN_SAMPLER = TeacherSampler(TEACHER_SAMPLER, f"Heun {TEACHER_NFE} NFE", TEACHER_NFE,
+                              HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"], teacher_pipeline)
+
+
+def teacher_samplers(teacher, scheduler: Optional[str] = None, num_inference_steps: int = 50) -> list:
+    """The samplers of the teacher's baseline: EDM Heun (35 NFE) for every teacher, on the teacher's own sigma range;
+    for a Diffusers UNet2DModel teacher also Diffusers scheduler `scheduler` (default DDIMScheduler) with
+    `num_inference_steps` steps over its own schedule (ALGORITHM.md §12.5)."""
+    if teacher.family != "vp-discrete":
+        return [HEUN_SAMPLER]
+    from sida_diffusers.pipelines.scheduler_sampler import SchedulerSamplerPipeline, scheduler_for
+
+    name = scheduler or "DDIMScheduler"
+    scheduler_for(teacher, name)  # an unknown name fails now, not at the end of the run
+
+    def make_pipeline(net):
+        pipe = SchedulerSamplerPipeline(unet=net, scheduler=scheduler_for(net, name))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    steps = int(num_inference_steps)
+    nfe = 2 * steps - 1 if name in ("HeunDiscreteScheduler", "KDPM2DiscreteScheduler") else steps
+    label = f"{name.removesuffix('Scheduler')} {steps} steps"
+    return [HEUN_SAMPLER, TeacherSampler(f"{name}-{steps}", label, nfe, steps, make_pipeline,
+                                         {"num_inference_steps": steps})]
+
+
+def teacher_cache_key(teacher_name: str, num_samples: int, sampler: str = TEACHER_SAMPLER) -> dict:
+    return {"teacher": teacher_name, "sampler": sampler, "num_samples": num_samples, "first_seed": 0,
             "labels": "per-seed"}
 
 
-def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool) -> Optional[dict]:
-    """The suite's metrics of the teacher (Heun, 35 NFE) on the student's evaluation seeds and labels, or None when
-    the run evaluated no FD-digits. Reused from `output_dir/summary.json` when it holds the same evaluation."""
+def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool,
+                     samplers: Optional[list] = None) -> Optional[list]:
+    """The suite's metrics of the teacher with each of `samplers` (default: Heun, 35 NFE) on the student's evaluation
+    seeds and labels: one summary entry per sampler (its cache key, label, steps, NFE and metrics), or None when the
+    run evaluated no FD-digits. An entry of `output_dir/summary.json` for the same evaluation is reused."""
     if suite is None or not evaluates_teacher(suite.metrics):
         return None
-    key = teacher_cache_key(teacher_name, suite.num_samples)
     path = Path(output_dir) / SUMMARY_FILE
+    cached = []
     if path.is_file():
-        old = read_json(path).get("teacher_eval") or {}
-        if {k: old.get(k) for k in key} == key and old.get("metrics"):
-            return old["metrics"]
-    return suite.evaluate(pipeline_sample_fn(teacher_pipeline(teacher), 0, label_pool))
+        old = read_json(path)
+        cached = [e for e in [old.get("teacher_eval"), *(old.get("teacher_evals") or [])] if isinstance(e, dict)]
+    entries = []
+    for s in samplers or [HEUN_SAMPLER]:
+        key = teacher_cache_key(teacher_name, suite.num_samples, s.sampler)
+        metrics = next((e["metrics"] for e in cached if {k: e.get(k) for k in key} == key and e.get("metrics")), None)
+        if metrics is None:
+            metrics = suite.evaluate(pipeline_sample_fn(s.make_pipeline(teacher), 0, label_pool, **s.call_kwargs))
+        entries.append({**key, "label": s.label, "num_steps": s.num_steps, "nfe": s.nfe, "metrics": metrics})
+    return entries
 
 
 def start_teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_pool,
-                           background: bool) -> Callable[[], Optional[dict]]:
+                           background: bool, samplers: Optional[list] = None) -> Callable[[], Optional[list]]:
     """`teacher_baseline`, to be collected by calling the returned function. With `background`, it runs on a thread
     started with the training: it depends on nothing the training changes (a frozen teacher, fixed seeds and labels,
     per-seed generators that leave the global RNG alone), and on a CPU the multi-step teacher then uses the core a
     one-step step of a tiny network leaves idle. Otherwise it is computed when called (GPU runs, compiled networks)."""
-    compute = functools.partial(teacher_baseline, output_dir, teacher_name, suite, teacher, label_pool)
+    compute = functools.partial(teacher_baseline, output_dir, teacher_name, suite, teacher, label_pool, samplers)
     if not background:
         return compute
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher-baseline")
@@ -88,9 +138,11 @@ def start_teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, 
     return future.result
 
 
-def write_run_summary(output_dir: Path, record: RunRecord, best: Optional[dict]) -> dict:
-    """Write ``summary.json`` (and the metric curve with the teacher's line) into `output_dir` from the run's final
-    record (the student's metrics, the teacher's baseline), print where everything is, and return the summary."""
+def write_run_summary(output_dir: Path, record: RunRecord, best: Optional[dict],
+                      teacher_evals: Optional[list] = None) -> dict:
+    """Write ``summary.json`` (and the metric curve with the teacher's Heun line) into `output_dir` from the run's final
+    record (the student's metrics, the teacher's Heun baseline) and `teacher_baseline`'s entries of every teacher
+    sampler (Heun first), print where everything is, and return the summary."""
     out = Path(output_dir)
     student_metrics, teacher_metrics = record.metrics, record.teacher_metrics
     key = fd_digits_key(student_metrics)
@@ -109,9 +161,10 @@ def write_run_summary(output_dir: Path, record: RunRecord, best: Optional[dict])
         "metric": METRIC_LABEL if key else None, "metric_key": key,
         "student": {"num_steps": 1, "metrics": dict(student_metrics)},
         "best": best,
-        "teacher_eval": None if teacher_metrics is None else {
+        "teacher_eval": teacher_evals[0] if teacher_evals else None if teacher_metrics is None else {
             **teacher_cache_key(record.teacher, record.num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
             "nfe": TEACHER_NFE, "metrics": teacher_metrics},
+        "teacher_evals": list(teacher_evals or []),  # every sampler of the baseline (§12.5), Heun first
         "fd_digits_student": student_metrics.get(key) if key else None,
         "fd_digits_teacher": teacher_metrics.get(key) if teacher_metrics and key else None,
     }
@@ -135,10 +188,11 @@ def format_summary(summary: dict) -> str:
     if summary["fd_digits_student"] is not None:
         n = parse_result_key(summary["metric_key"])[1]
         lines.append(f"FD-digits     student, 1 step:           {summary['fd_digits_student']:.3f}   ({n} samples)")
-        if summary["fd_digits_teacher"] is not None:
-            t = summary["teacher_eval"]
-            lines.append(f"FD-digits     teacher, Heun {t['nfe']} NFE:      {summary['fd_digits_teacher']:.3f}   "
-                         f"(same {n} seeds and labels)")
+        for t in summary.get("teacher_evals") or ([summary["teacher_eval"]] if summary["teacher_eval"] else []):
+            value = t["metrics"].get(summary["metric_key"])
+            if value is not None:
+                label = t.get("label") or f"Heun {t['nfe']} NFE"
+                lines.append(f"FD-digits     teacher, {label + ':':<17} {value:.3f}   (same {n} seeds and labels)")
     lines += [f"summary       {Path(summary['output_dir']) / SUMMARY_FILE}", "=" * 72]
     return "\n".join(lines)
 

@@ -36,7 +36,7 @@ from sida_diffusers.losses import (
 )
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.pretrained import declared_license
-from sida_diffusers.training import checkpointing, launch, memory_plan, models, outputs, sharding, summary, validation
+from sida_diffusers.training import checkpointing, launch, models, outputs, sharding, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
 
@@ -92,7 +92,6 @@ class SiDATrainer:
         self.dataset = dataset if dataset is not None else self._build_dataset()
         validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
-        memory_plan.check_fits(cfg, self.teacher, self.device, self.world_size)  # before anything is on the device
 
         self.layout = sharding.NetworkLayout(acc, cfg.fsdp)
         self.fake_score, self.generator, self.generator_ema, self.ema, self.opt_fake, self.opt_gen = \
@@ -195,7 +194,7 @@ class SiDATrainer:
         requires_grad state in every iteration whatever the stage, so compiled graphs are built in the first
         iteration and never again (a frozen net's graph computes no weight gradients)."""
         trained.train().requires_grad_(True)
-        frozen.eval().requires_grad_(False)
+        frozen.eval().requires_grad_(False).zero_grad(set_to_none=True)  # not kept through the other phase (§13.4)
         if self.cfg.force_normalization:
             trained.normalize_weights_()
         optimizer.zero_grad(set_to_none=True)
@@ -236,7 +235,6 @@ class SiDATrainer:
         clip = 1.0 if adversarial and not self.is_edm2 else None  # value clip: EDM SiDA only (§5.4)
         self._sanitize_grads(fake, clip)
         self.opt_fake.step()
-        self.opt_fake.zero_grad(set_to_none=True)  # its gradients would otherwise live through the G phase (§13.4)
 
     def generator_phase(self, stage: Stage) -> None:
         """Generator update: §4.3, §4.4 and the stage objective of §4.5, §5.1 step 2."""
@@ -328,11 +326,12 @@ class SiDATrainer:
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
         wanted = self.tracker is not None and summary.evaluates_teacher(cfg.eval_metrics)  # same on every process
-        teacher = self.layout.full_copy(self.teacher, self.device) if wanted else None
-        if acc.is_main_process:  # the teacher's 35-NFE figure, meanwhile on the idle core of a CPU run
+        teacher = self.layout.full_copy(self.teacher, self.device) if wanted else self.teacher
+        if acc.is_main_process:  # the teacher's multi-step figures, meanwhile on the idle core of a CPU run
+            samplers = summary.teacher_samplers(teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
             baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, teacher,
                                                       self.label_pool, background=self.device.type == "cpu"
-                                                      and not cfg.compile)
+                                                      and not cfg.compile, samplers=samplers)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
         first = True
         while self.cur_nimg < max_nimg:
@@ -385,13 +384,15 @@ class SiDATrainer:
                 self.export(self.output_dir / "best_pipeline", self.record(results))
         self.accelerator.wait_for_everyone()
 
-    def _finish(self, teacher_metrics: Optional[dict]) -> Path:
-        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's baseline in
-        its card), the run summary and the optional Hub push."""
+    def _finish(self, teacher_evals: Optional[list]) -> Path:
+        """Main process, after the last iteration: loss curves, the exported pipeline (with the teacher's Heun
+        baseline in its card), the run summary (every teacher sampler) and the optional Hub push."""
         outputs.plot_loss_curves(self.output_dir)
+        teacher_metrics = teacher_evals[0]["metrics"] if teacher_evals else None
         record = self.record(self.last_metrics, teacher_metrics)
         pipeline_dir = self.export(self.output_dir / "pipeline", record)
-        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None)
+        summary.write_run_summary(self.output_dir, record, self.tracker.state_dict() if self.tracker else None,
+                                  teacher_evals)
         if self.cfg.push_to_hub:
             self.push_error = summary.push_pipeline(pipeline_dir, validation.hub_repo_id(self.cfg), self.cfg.hub_token)
         return pipeline_dir
@@ -435,9 +436,8 @@ class SiDATrainer:
             return
         limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
                                          self.cfg.resume_optimizer_settings_from_checkpoint)
-        views = self.layout.checkpoint_views  # full tensors in, whatever the layout (§13.3)
-        state = checkpointing.load_checkpoint(path, views(self._networks()), views({"opt_fake": self.opt_fake,
-                                              "opt_gen": self.opt_gen}), self.ema, limits)
+        nets, opts = self.layout.checkpoint_views(self._networks(), opt_fake=self.opt_fake, opt_gen=self.opt_gen)
+        state = checkpointing.load_checkpoint(path, nets, opts, self.ema, limits)  # full tensors in, any layout (§13.3)
         self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work

@@ -146,8 +146,18 @@ def check_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]
     """The teacher is EDM/EDM2-preconditioned, the options fit it, a SiD²A init matches it, and one micro-batch of
     its images fits the device (`check_batch_memory`)."""
     if not teacher.distillable:
-        raise ValueError(f"the teacher is a {type(teacher).__name__}; SiD/SiDA support only EDM- and EDM2-preconditioned teachers "
-                         "(ALGORITHM.md §1.2). Use an EDMPrecond teacher (every official edm-*.pkl is one).")
+        raise ValueError(f"the teacher is a {type(teacher).__name__}; SiD/SiDA support EDM- and EDM2-preconditioned teachers "
+                         "(ALGORITHM.md §1.2) and Diffusers UNet2DModel DDPM/DDIM teachers (§12). Use an EDMPrecond "
+                         "teacher (every official edm-*.pkl is one) or a DDPM/DDIM pipeline folder.")
+    if teacher.family == "vp-discrete":
+        from sida_diffusers.networks.unet2d import SCHEDULER_CLASSES
+
+        if cfg.teacher_scheduler not in SCHEDULER_CLASSES:
+            raise ValueError(f"--teacher_scheduler {cfg.teacher_scheduler} is not one of Diffusers' VP schedulers: "
+                             f"{', '.join(SCHEDULER_CLASSES)}.")
+        if not 1 <= cfg.teacher_num_inference_steps <= teacher.num_train_timesteps:
+            raise ValueError(f"--teacher_num_inference_steps must be in 1..{teacher.num_train_timesteps} (the "
+                             f"teacher's training steps), got {cfg.teacher_num_inference_steps}.")
     is_edm2 = teacher.family == "edm2"
     if not is_edm2 and (cfg.use_logvar or cfg.force_normalization):
         raise ValueError("--use_logvar and --force_normalization are EDM2 options; drop them for an EDM teacher.")

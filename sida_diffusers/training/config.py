@@ -124,6 +124,17 @@ class TrainConfig:
     compile_backend: str = _f("inductor", "torch.compile backend: inductor (fused kernels, the fast one); aot_eager "
                                           "or eager only to debug graph capture, or on machines without a compiler")
     cpu: bool = _f(False, "run on CPU even if a GPU is present")
+    # memory (ALGORITHM.md §13)
+    fsdp: bool = _f(False, "shard the generator, fake score, teacher and EMA over the processes with torch's FSDP2 "
+                           "instead of replicating them (DDP): per-process weights, gradients and Adam states "
+                           "shrink about N-fold; same losses, checkpoints and exported pipeline as DDP. `accelerate "
+                           "launch --use_fsdp` turns it on")
+    gradient_checkpointing: bool = _f(False, "recompute each UNet block in backward instead of keeping its "
+                                             "activations (generator, fake score and teacher): far less activation "
+                                             "memory per image for about one more forward pass; same gradients")
+    gpu_memory_gb: Optional[float] = _f(None, "memory per process (GB) the run must fit in (default: the GPU's "
+                                              "own); the run stops before step 1 when the memory plan clearly "
+                                              "exceeds it. `--plan` prints the plan and the largest batch that fits")
     num_threads: Optional[int] = _f(None, "torch intra-op threads per process (default: torch's choice). The digits "
                                           "preset uses 1: its tiny networks gain nothing from a second thread, and the "
                                           "second core then computes the teacher's baseline during the training")
@@ -179,6 +190,8 @@ class TrainConfig:
             raise ValueError(f"teacher_num_inference_steps must be >= 1, got {self.teacher_num_inference_steps}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise ValueError(f"gpu_memory_gb must be a positive number of GB, got {self.gpu_memory_gb}.")
 
 
 def load_presets() -> dict:
@@ -226,10 +239,9 @@ DIFFUSERS_FLAGS = {
                               "nothing to set",
     "use_ema": "the generator's EMA is always kept; set its half-life with --ema_halflife_kimg",
     "adam_beta1": "the fake score uses beta1 = 0 (ALGORITHM.md §5.5); the generator's is --g_beta1",
-    "gradient_checkpointing": "not supported: lower --train_batch_size and raise --total_batch_size instead (the "
-                              "micro-batch is part of SiDA's objective, see --help of --train_batch_size)",
 }
 ACCELERATE_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
 def field_names() -> dict:
@@ -257,11 +269,40 @@ def resolve_mixed_precision(explicit: Optional[str], fallback: str, accelerate_v
     return explicit or accelerate_value or fallback
 
 
+def _env_true(env, name: str) -> bool:
+    return env.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_fsdp(explicit_fsdp: Optional[bool], explicit_checkpointing: Optional[bool], env) -> dict:
+    """`accelerate launch --use_fsdp` (or `distributed_type: FSDP` in `accelerate config`) mapped onto `--fsdp`, and
+    its `fsdp_activation_checkpointing` onto `--gradient_checkpointing`; options the trainer does not implement are
+    refused. The trainer shards with FSDP2 itself (ALGORITHM.md §13.1): Accelerate's plugin does not shard on CPU."""
+    if not _env_true(env, ACCELERATE_FSDP_ENV):
+        return {}
+    if explicit_fsdp is False:
+        raise ValueError("--no-fsdp disagrees with `accelerate launch --use_fsdp` (or distributed_type: FSDP in "
+                         "`accelerate config`); drop one of them.")
+    if _env_true(env, "FSDP_OFFLOAD_PARAMS"):
+        raise ValueError("Accelerate's fsdp_offload_params is not supported: the trainer keeps the shards on the GPU; "
+                         "launch without it (`--plan` shows what fits).")
+    strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+    if strategy not in ("FULL_SHARD", "1"):
+        raise ValueError(f"Accelerate's fsdp_sharding_strategy {strategy} is not supported: --fsdp shards fully "
+                         "(FULL_SHARD); launch with that strategy, or without --use_fsdp for DDP.")
+    values = {"fsdp": True}
+    if _env_true(env, "FSDP_ACTIVATION_CHECKPOINTING"):
+        if explicit_checkpointing is False:
+            raise ValueError("--no-gradient_checkpointing disagrees with Accelerate's fsdp_activation_checkpointing; "
+                             "drop one of them.")
+        values["gradient_checkpointing"] = True
+    return values
+
+
 def make_config(preset: Optional[str] = None, **overrides) -> TrainConfig:
     """A `TrainConfig` from a preset plus explicit values (the programmatic twin of `parse_args`).
 
     Without a preset and without a teacher, the offline `digits` preset is used. Keys may be field names or the
-    paper's flags (`lsg`, `lsd`, ...). The precision follows `resolve_mixed_precision`.
+    paper's flags (`lsg`, `lsd`, ...). The precision follows `resolve_mixed_precision`, sharding `resolve_fsdp`.
     """
     names = field_names()
     refused = sorted(set(overrides) & set(DIFFUSERS_FLAGS))
@@ -283,6 +324,7 @@ def make_config(preset: Optional[str] = None, **overrides) -> TrainConfig:
     values["mixed_precision"] = resolve_mixed_precision(explicit_precision,
                                                         values.get("mixed_precision", TrainConfig.mixed_precision),
                                                         os.environ.get(ACCELERATE_PRECISION_ENV))
+    values.update(resolve_fsdp(overrides.get("fsdp"), overrides.get("gradient_checkpointing"), os.environ))
     return TrainConfig(**{**values, "preset": preset})
 
 

@@ -1,5 +1,6 @@
 """The networks of a run: loading the teacher (and SiD²A's generator), deriving the trainable fake score and generator
-from them, their optimizers, their gradient clean-up (ALGORITHM.md §5.4) and their compilation.
+from them, their placement (device, memory format, activation checkpointing, DDP or FSDP), optimizers, gradient
+clean-up (ALGORITHM.md §5.4) and compilation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.training.config import TrainConfig
+from sida_diffusers.training.ema import HalfLifeEMA
 
 
 def load_network(source: str) -> Denoiser:
@@ -53,6 +55,32 @@ def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoise
     for net in (fake, gen, teacher):
         net.register_to_config(use_fp16=cfg.mixed_precision == "fp16")
     return fake, gen
+
+
+def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[Denoiser], device: torch.device):
+    """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, ema, opt_fake, opt_gen)``,
+    the first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA
+    model a frozen copy of the generator laid out like it and `ema` its `HalfLifeEMA` (ALGORITHM.md §13.1, §13.2). The
+    teacher is moved to `device` after the memory plan says the launch fits (`memory_plan.check_fits`)."""
+    from sida_diffusers.training.memory_plan import check_fits
+
+    check_fits(cfg, teacher, device, layout.accelerator.num_processes)  # before anything is on the device
+    fake, gen = student_networks(cfg, teacher.to(device), init)
+    ema = copy.deepcopy(gen).eval().requires_grad_(False).to(device)
+    fake, gen = fake.to(device), gen.to(device)
+    if cfg.channels_last:
+        for net in (fake, gen, teacher, ema):
+            net.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:  # the teacher too: the generator's gradient flows through it (§13.4)
+        for net in (fake, gen, teacher):
+            net.enable_gradient_checkpointing()
+    layout.shard((fake, gen, teacher, ema), device)
+    opt_fake, opt_gen = make_optimizers(cfg, fake, gen, device)
+    if cfg.compile:
+        compile_networks((fake, gen, teacher), cfg.compile_backend)
+    ema_update = HalfLifeEMA(gen, ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+    fake, gen = layout.prepare(fake, gen)
+    return fake, gen, ema, ema_update, opt_fake, opt_gen
 
 
 def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: torch.device):
@@ -97,11 +125,20 @@ def compile_networks(networks, backend: str) -> None:
         net.compile(backend=backend)
 
 
-def sanitize_grads(net: torch.nn.Module, clip: Optional[float]) -> None:
-    """nan_to_num on every gradient, then optional value clipping (ALGORITHM.md §5.4)."""
-    grads = [p.grad for p in net.parameters() if p.grad is not None]
+def sanitize_grads(grads: list, clip: Optional[float]) -> None:
+    """nan_to_num on every gradient (under --fsdp: every local shard), then optional value clipping (ALGORITHM.md
+    §5.4, §13.1)."""
     for g in grads:
         torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
     if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
         torch._foreach_clamp_min_(grads, -clip)
         torch._foreach_clamp_max_(grads, clip)
+
+
+def augment_pipe(probability: float):
+    """EDM's geometric augmentation of the real images (ALGORITHM.md §5.7), or None when `probability` is 0."""
+    if probability <= 0:
+        return None
+    from sida_diffusers.training.augment import AugmentPipe
+
+    return AugmentPipe(probability)

@@ -45,6 +45,11 @@ def fd_digits_key(metrics: dict) -> Optional[str]:
     return next((k for k in metrics if _is_fd_digits(k)), None)
 
 
+def evaluates_teacher(metrics) -> bool:
+    """Whether a run evaluating `metrics` also evaluates its teacher (`teacher_baseline`: FD-digits runs)."""
+    return FD_DIGITS in metrics
+
+
 def teacher_pipeline(teacher) -> EDMHeunPipeline:
     """The teacher's 35-NFE Heun sampler as a pipeline (progress bar off)."""
     pipe = EDMHeunPipeline(unet=teacher, preset=TEACHER_SAMPLER)
@@ -101,7 +106,7 @@ def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_
     """The suite's metrics of the teacher with each of `samplers` (default: Heun, 35 NFE) on the student's evaluation
     seeds and labels: one summary entry per sampler (its cache key, label, steps, NFE and metrics), or None when the
     run evaluated no FD-digits. An entry of `output_dir/summary.json` for the same evaluation is reused."""
-    if suite is None or FD_DIGITS not in suite.metrics:
+    if suite is None or not evaluates_teacher(suite.metrics):
         return None
     path = Path(output_dir) / SUMMARY_FILE
     cached = []

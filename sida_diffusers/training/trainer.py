@@ -5,14 +5,13 @@ One iteration (`SiDATrainer.step`) = a fake-score/discriminator phase, a generat
 round with DDP gradient sync only on the last one, and divides every loss by the per-process batch B*R (§4.5, §5.3).
 Per-process batch statistics (the pooled BCE of §4.2/§4.4) are never gathered across processes.
 
-Around the loop: input checks (`validation`), the networks (`models`), checkpoints and resume (`checkpointing`), and
-grids, evaluation and export (`outputs`, `summary`).
+Around the loop: input checks (`validation`), the networks (`models`; DDP or FSDP: `sharding`, ALGORITHM.md §13),
+checkpoints and resume (`checkpointing`), and grids, evaluation and export (`outputs`, `summary`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -37,10 +36,9 @@ from sida_diffusers.losses import (
 )
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.pretrained import declared_license
-from sida_diffusers.training import checkpointing, few_step, launch, models, outputs, summary, validation
+from sida_diffusers.training import checkpointing, few_step, launch, models, outputs, sharding, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
-from sida_diffusers.training.ema import HalfLifeEMA
 
 
 NETWORKS = ("generator", "generator_ema", "fake_score")
@@ -87,9 +85,8 @@ class SiDATrainer:
         self.seed = launch.run_seed(cfg.seed, self.world_size)
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
-        self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).to(self.device).eval()
+        self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).eval().requires_grad_(False)
         self.teacher_license = declared_license(cfg.teacher)  # what the model card inherits
-        self.teacher.requires_grad_(False)
         init = generator_init
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
@@ -97,29 +94,17 @@ class SiDATrainer:
         validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
 
-        fake, gen = models.student_networks(cfg, self.teacher, init)
-        self.generator_ema = copy.deepcopy(gen).eval().requires_grad_(False).to(self.device)
-        fake, gen = fake.to(self.device), gen.to(self.device)
-        if cfg.channels_last:
-            for net in (fake, gen, self.teacher, self.generator_ema):
-                net.to(memory_format=torch.channels_last)
-        self.opt_fake, self.opt_gen = models.make_optimizers(cfg, fake, gen, self.device)
-        if cfg.compile:
-            models.compile_networks((fake, gen, self.teacher), cfg.compile_backend)
-        self.fake_score, self.generator = acc.prepare(fake, gen)
-        self.ema = HalfLifeEMA(gen, self.generator_ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        self.layout = sharding.NetworkLayout(acc, cfg.fsdp)
+        self.fake_score, self.generator, self.generator_ema, self.ema, self.opt_fake, self.opt_gen = \
+            models.setup_networks(cfg, self.layout, self.teacher, init, self.device)
 
-        self.augment_pipe = None
-        if cfg.augment_p > 0:
-            from sida_diffusers.training.augment import AugmentPipe
-
-            self.augment_pipe = AugmentPipe(cfg.augment_p)
+        self.augment_pipe = models.augment_pipe(cfg.augment_p)
         self.batches = RealBatches(self.dataset, cfg.train_batch_size, self.img_shape, self.teacher.label_dim,
                                    self.rank, self.world_size, self.seed, self.device)
         self.suite, self.tracker = outputs.make_evaluation(cfg, self.dataset, self.pixel_shape, self.device,
                                                            acc.is_main_process)
         self.label_pool = outputs.evaluation_label_pool(self.dataset, self.teacher)
-        self._pipeline = None
+        self._pipeline, self._sampling_ema = None, self.generator_ema  # --fsdp: a gathered copy, in maintenance only
         self.push_error: Optional[str] = None  # the one line a failed end-of-run push leaves
         self.cur_nimg = 0
         self.k_star = cfg.num_steps  # the steps whose output the current iteration trains (§11.2)
@@ -158,10 +143,20 @@ class SiDATrainer:
         """The `SiDAPipeline` over the EMA generator that samples every grid, evaluation and export of the run."""
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
-            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.teacher, self.cfg.init_sigma, vae,
+            self._pipeline = outputs.sampling_pipeline(self._sampling_ema, self.teacher, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None), self.step_sigmas,
                                                        self.cfg.renoise)
+        self._pipeline.unet = self._sampling_ema
         return self._pipeline
+
+    @contextlib.contextmanager
+    def gathered_ema(self, active: bool = True):
+        """Collective: under `--fsdp` an unsharded EMA copy (main process) samples one maintenance step (§13.2)."""
+        with self.layout.gathered(self.generator_ema, self.device, active) as self._sampling_ema:
+            yield
+        self._sampling_ema = None if self.layout.sharded else self.generator_ema  # the copy goes with its last reference
+        if self._pipeline is not None:
+            self._pipeline.unet = self._sampling_ema
 
     @property
     def final_nimg(self) -> int:
@@ -187,8 +182,8 @@ class SiDATrainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
 
     def _sync(self, model, last_round: bool):
-        """DDP gradient all-reduce only on the last accumulation round (§5.3)."""
-        return contextlib.nullcontext() if last_round else self.accelerator.no_sync(model)
+        """DDP gradient all-reduce only on the last accumulation round (§5.3); FSDP reduces every round (§13.1)."""
+        return contextlib.nullcontext() if last_round else self.layout.no_sync(model)
 
     def _augment(self, x: torch.Tensor):
         if self.augment_pipe is None:
@@ -202,7 +197,7 @@ class SiDATrainer:
         requires_grad state in every iteration whatever the stage, so compiled graphs are built in the first
         iteration and never again (a frozen net's graph computes no weight gradients)."""
         trained.train().requires_grad_(True)
-        frozen.eval().requires_grad_(False)
+        frozen.eval().requires_grad_(False).zero_grad(set_to_none=True)  # not kept through the other phase (§13.4)
         if self.cfg.force_normalization:
             trained.normalize_weights_()
         optimizer.zero_grad(set_to_none=True)
@@ -241,7 +236,7 @@ class SiDATrainer:
                     self.last_losses["d_loss"] = (cfg.discriminator_loss_scale * loss_d / self.batch_per_process).detach()
                 self.accelerator.backward(total / self.batch_per_process)
         clip = 1.0 if adversarial and not self.is_edm2 else None  # value clip: EDM SiDA only (§5.4)
-        models.sanitize_grads(fake, clip)
+        models.sanitize_grads(self.layout.gradients(fake), clip)
         self.opt_fake.step()
 
     def generator_phase(self, stage: Stage) -> None:
@@ -272,15 +267,16 @@ class SiDATrainer:
                     loss_adv = sida_adversarial_loss(logits, x_g, denoised_teacher, logvar, keep=keep).sum()
                     self.last_losses["g_gan_loss"] = (cfg.adversarial_loss_scale * loss_adv
                                                       / self.batch_per_process).detach()
-                if not stage.step_generator:
-                    continue  # warm-up: the losses are logged but G is held, so its gradients would be thrown away
+                if not stage.step_generator:  # warm-up: the losses are logged but G is held, so no backward; this
+                    x_g = x_t = denoised_teacher = out = denoised_fake = logits = logvar = loss_sid = loss_adv = None
+                    continue  # round's graph is released before the next round builds its own (§13.4)
                 if stage.adversarial:
                     objective = 0.5 * cfg.sid_loss_scale * loss_sid + 0.5 * cfg.adversarial_loss_scale * loss_adv
                 else:
                     objective = cfg.sid_loss_scale * loss_sid
                 self.accelerator.backward(objective / self.batch_per_process)
         if stage.step_generator:
-            models.sanitize_grads(gen, None)
+            models.sanitize_grads(self.layout.gradients(gen), None)
             self.opt_gen.step()
         self.opt_gen.zero_grad(set_to_none=True)
 
@@ -319,15 +315,17 @@ class SiDATrainer:
         acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items()
                                                             if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
-                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
-                  f"{cfg.max_train_kimg:g} kimg")
+                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}"
+                  f"{', networks sharded (FSDP)' if self.layout.sharded else ''}, to {cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
         bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
+        wanted = self.tracker is not None and summary.evaluates_teacher(cfg.eval_metrics)  # same on every process
+        teacher = self.layout.full_copy(self.teacher, self.device) if wanted else self.teacher
         if acc.is_main_process:  # the teacher's multi-step figures, meanwhile on the idle core of a CPU run
-            samplers = summary.teacher_samplers(self.teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
-            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
+            samplers = summary.teacher_samplers(teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
+            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, teacher,
                                                       self.label_pool, background=self.device.type == "cpu"
                                                       and not cfg.compile, samplers=samplers)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
@@ -342,24 +340,25 @@ class SiDATrainer:
                 self._log_tick(tick, stage)
                 tick, first = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}, False
             maintenance_start = time.time()
-            if self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg)):
-                self._evaluate_and_track()
-            if done or self._crossed(prev, cfg.checkpointing_kimg):
-                if acc.is_main_process and cfg.sample_grid_size > 0:
-                    grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
-                                                    f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
-                    outputs.log_image(acc, "samples", grid, self.cur_nimg)
-                self.save_checkpoint()
+            with self.gathered_ema(done or self._crossed(prev, cfg.eval_every_kimg, cfg.checkpointing_kimg)):
+                if self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg)):
+                    self._evaluate_and_track()
+                if done or self._crossed(prev, cfg.checkpointing_kimg):
+                    if acc.is_main_process and cfg.sample_grid_size > 0:
+                        grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
+                                                        f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
+                        outputs.log_image(acc, "samples", grid, self.cur_nimg)
+                    self.save_checkpoint()
             tick["maintenance"] += time.time() - maintenance_start
         bar.close()
-        pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
+        with self.gathered_ema():
+            pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
         acc.wait_for_everyone()
         acc.end_training()
         return pipeline_dir
 
-    def _crossed(self, prev_nimg: int, every_kimg: float) -> bool:
-        every = _nimg(every_kimg)
-        return every > 0 and self.cur_nimg // every > prev_nimg // every
+    def _crossed(self, prev_nimg: int, *every_kimg: float) -> bool:
+        return any(0 < every and self.cur_nimg // every > prev_nimg // every for every in map(_nimg, every_kimg))
 
     def _log_tick(self, tick: dict, stage: Stage) -> None:
         """Losses and timing of the tick: `sec_per_kimg` counts training only; evaluation, checkpoints and grids are
@@ -410,16 +409,16 @@ class SiDATrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically and prune old ones (checkpointing.py)."""
+        """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically, from full tensors (§13.3), and prune old ones."""
         per_rank = gather_object([{"rng": checkpointing.rng_state(),
                                    "data": self.batches.state_dict()}])
+        networks, optimizers = self.layout.full_states(self._networks(), opt_fake=self.opt_fake, opt_gen=self.opt_gen)
         if self.accelerator.is_main_process:
             state = {"cur_nimg": self.cur_nimg, "seed": self.seed, "num_processes": self.world_size,
-                     "opt_fake": self.opt_fake.state_dict(), "opt_gen": self.opt_gen.state_dict(),
-                     "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
+                     **optimizers, "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
                      "data": [s["data"] for s in per_rank], "best": self.tracker.state_dict() if self.tracker else None,
                      "config": self.cfg.to_dict()}
-            checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, self._networks(), state,
+            checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, networks, state,
                                           self.record(self.last_metrics).to_dict(), self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return checkpointing.checkpoint_path(self.output_dir, self.cur_nimg)
@@ -436,8 +435,8 @@ class SiDATrainer:
             return
         limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
                                          self.cfg.resume_optimizer_settings_from_checkpoint)
-        state = checkpointing.load_checkpoint(path, self._networks(), {"opt_fake": self.opt_fake,
-                                                                       "opt_gen": self.opt_gen}, self.ema, limits)
+        nets, opts = self.layout.checkpoint_views(self._networks(), opt_fake=self.opt_fake, opt_gen=self.opt_gen)
+        state = checkpointing.load_checkpoint(path, nets, opts, self.ema, limits)  # full tensors in, any layout (§13.3)
         self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work

@@ -86,8 +86,15 @@ def edm2_flags(tmp_path):
             "--force_normalization", "--use_logvar", "--P_mean", -0.4, "--P_std", 1.0, "--dropout", 0.1]
 
 
+def edm_two_step_flags(tmp_path):
+    """A 2-step generator trained through both steps (ALGORITHM.md §11.2, `all`): two forwards of the sharded
+    generator before one backward."""
+    return [*edm_flags(tmp_path), "--num_steps", 2, "--step_sampling", "all", "--step_sigmas", "2.5,0.5"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("family_flags", [edm_flags, edm2_flags], ids=["EDM DDPM++", "EDM2"])
+@pytest.mark.parametrize("family_flags", [edm_flags, edm2_flags, edm_two_step_flags],
+                         ids=["EDM DDPM++", "EDM2", "EDM DDPM++ 2 steps"])
 def test_fsdp_trains_like_ddp_and_resumes_across_layouts(tmp_path, family_flags):
     # B=4 per process, 2 rounds: 3 iterations of 16 images, the discriminator from the start, G stepped from the
     # first iteration, the adversarial term from the second; a checkpoint after every iteration.

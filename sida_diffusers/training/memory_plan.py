@@ -1,11 +1,11 @@
 """The memory plan of a run (`--plan`, `sida-plan`; ALGORITHM.md §13.4): what one process holds, before anything is
 allocated.
 
-The networks are built on the meta device and run as fake tensors (`FakeTensorMode`: shapes and dtypes, no memory), so
-a 1.5 B-parameter teacher is planned on a laptop. Static memory is counted from the parameter counts; the activations of the generator phase
-(the peak: the generator's, the teacher's and the fake score's forward graphs are alive together, §13.4) are
-measured at two small batches by counting the bytes of every tensor still alive after the forward passes, and
-extrapolated linearly. `check_fits` stops a run before step 1 when the plan clearly exceeds the device.
+The networks are built on the meta device and run as fake tensors (`FakeTensorMode`: shapes and dtypes, no memory),
+so a 1.5 B-parameter teacher is planned on a laptop. Static memory is counted from the parameter counts; the
+activations of the generator phase (the peak: the generator's, the teacher's and the fake score's forward graphs are
+alive together, §13.4) are measured at two small batches by counting the bytes of every tensor still alive after the
+forward passes, and extrapolated linearly. `check_fits` stops a run before step 1 when the plan clearly exceeds the device.
 """
 
 from __future__ import annotations

@@ -146,7 +146,7 @@ class SiDATrainer:
             self._pipeline = outputs.sampling_pipeline(self._sampling_ema, self.teacher, self.cfg.init_sigma, vae,
                                                        getattr(self.dataset, "id2label", None), self.step_sigmas,
                                                        self.cfg.renoise)
-        self._pipeline.unet = self._sampling_ema
+        self._pipeline.use_denoiser(self._sampling_ema)
         return self._pipeline
 
     @contextlib.contextmanager
@@ -156,7 +156,7 @@ class SiDATrainer:
             yield
         self._sampling_ema = None if self.layout.sharded else self.generator_ema  # the copy goes with its last reference
         if self._pipeline is not None:
-            self._pipeline.unet = self._sampling_ema
+            self._pipeline.use_denoiser(self._sampling_ema)
 
     @property
     def final_nimg(self) -> int:

@@ -21,7 +21,7 @@ from sida_diffusers.training.memory_plan import (
     make_plan,
     teacher_factory,
 )
-from sida_diffusers.training.models import student_networks
+from sida_diffusers.training.students import student_networks
 
 from conftest import REPO_ROOT, tiny_config, tiny_edm2, tiny_teacher, tiny_unet2d
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
-from sida_diffusers.cli.sample import MAX_BATCH, MAX_SEED, MAX_STEPS
+from sida_diffusers.cli.sample import MAX_BATCH, MAX_SEED, MAX_STEPS, image_shape
 from sida_diffusers.data.image_files import MAX_LABEL_VALUES
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
@@ -64,15 +64,6 @@ def trained_on_digits(src: str) -> bool:
         return info.is_file() and RunRecord.read(info).dataset == "digits"
     except (ValueError, OSError):
         return False
-
-
-def image_shape(pipe) -> tuple:
-    """``(C, H, W)`` of the uint8 images the pipeline returns (EDM2 latents decode to RGB at 8x the latent size)."""
-    _, channels, res, _ = pipe.sample_shape(1)
-    if pipe.config.latent_scale is None:
-        return channels, res, res
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return 3, res * factor, res * factor
 
 
 def format_table(results: dict) -> str:

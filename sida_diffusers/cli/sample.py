@@ -120,6 +120,15 @@ def check_steps(pipe, steps) -> None:
         inference_sigmas(pipe.config.step_sigmas or [pipe.config.init_sigma], steps)
 
 
+def image_shape(pipe) -> tuple:
+    """``(C, H, W)`` of the uint8 images the pipeline returns (EDM2 latents decode to RGB at 8x the latent size)."""
+    _, channels, res, _ = pipe.sample_shape(1)
+    if pipe.config.latent_scale is None:
+        return channels, res, res
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return 3, res * factor, res * factor
+
+
 def network_evaluations(pipe, steps) -> int:
     """Network evaluations per image: the steps of a SiDAPipeline (default its trained K, ALGORITHM.md §11), 2N-1 for
     the (unguided) Heun sampler."""
@@ -181,7 +190,6 @@ def main(argv=None) -> int:
         pipe.prepare_class_labels(labels, len(labels or [None]), None, "cpu")
         check_steps(pipe, args.steps)
         if args.npz:  # samples.npz holds every image in memory until it is written
-            from sida_diffusers.cli.evaluate import image_shape
             from sida_diffusers.data.datasets import cache_budget
 
             need = len(args.seeds) * math.prod(image_shape(pipe))

@@ -241,7 +241,7 @@ def make_plan(cfg: TrainConfig, factory, fused_adam: Optional[bool] = None) -> M
     """The plan of `cfg` with the teacher `factory()` builds; nothing is allocated. fp32 and fp16 runs are measured on
     meta tensors (fp16: the networks' CUDA float16 path), bf16 runs as fake CPU tensors under CPU autocast (the same
     lists for the convolutions and matrix products that hold the activations; meta tensors cannot autocast)."""
-    from sida_diffusers.training.models import student_networks
+    from sida_diffusers.training.students import student_networks
 
     with torch.device("meta"):
         teacher = factory().eval().requires_grad_(False)

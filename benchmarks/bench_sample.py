@@ -4,7 +4,7 @@
     python benchmarks/bench_sample.py --tiny                                               # CPU regression check
 
 Both pipelines hold random weights of the preset's architecture (the generator has the teacher's). EDM2 presets time
-latents only (no VAE decode), as ../shared/benchmarks/OFFICIAL_BASELINE.md does. Prints one JSON object.
+latents only (no VAE decode), as the official SiDA timing of the training step does. Prints one JSON object.
 """
 
 from __future__ import annotations

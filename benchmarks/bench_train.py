@@ -7,7 +7,7 @@
 One timed iteration is `SiDATrainer.step()` in stage 3 (fake-score + discriminator update, generator update with the
 SiD and adversarial terms, EMA), B = --train_batch_size images per GPU, one accumulation round, on a synthetic
 in-memory dataset of the teacher's shape. Prints one JSON object; img/s counts generated images per second per GPU,
-as ../shared/benchmarks/OFFICIAL_BASELINE.md does.
+as the official SiDA timing of the training step does.
 """
 
 from __future__ import annotations

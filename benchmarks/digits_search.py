@@ -1,13 +1,15 @@
 """The regime search behind the `digits` preset: one training trajectory, several EMA half-lives scored side by side.
 
     OMP_NUM_THREADS=1 python benchmarks/digits_search.py --name lr1e-4_glr3e-5 --set lr=1e-4 glr=3e-5 --kimg 48
+    OMP_NUM_THREADS=1 python benchmarks/digits_search.py --name k2 --set num_steps=2 step_sigmas=2.5,0.5 --emas 5 10
     python benchmarks/digits_search.py --summarize                  # one line per run: best and last FD-digits
 
 A run trains the `digits` preset with the `--set` overrides (any TrainConfig field or the paper's flag names) and
 keeps, next to the trainer's own EMA, one extra EMA of the generator per `--emas` half-life (same ramp-up), so the EMA
 length is searched without re-training. Every `--eval_every` kimg each EMA and the raw generator are scored with
-FD-digits exactly as the trainer scores its EMA (1,797 samples, per-seed noise and labels, `training.outputs`).
-Results go to runs/digits_search/NAME.jsonl (one record per evaluation) and the final EMA generators to
+FD-digits exactly as the trainer scores its EMA (1,797 samples, per-seed noise and labels, `training.outputs`); a
+few-step run (`num_steps=K`) scores each EMA sampled with 1, 2 and K steps (ALGORITHM.md §11) and skips the raw
+generator unless `--raw`. Results go to runs/digits_search/NAME.jsonl (one record per evaluation) and the final EMA generators to
 runs/digits_search/NAME/ema{h}/. Run two at a time, one thread each, on a 2-core machine. A benchmark, not a test.
 """
 
@@ -39,7 +41,9 @@ def parse_overrides(pairs) -> dict:
     return out
 
 
-def search_run(name: str, overrides: dict, kimg: float, eval_every: float, emas: list, root: Path = ROOT) -> Path:
+def search_run(name: str, overrides: dict, kimg: float, eval_every: float, emas: list, root: Path = ROOT,
+               raw: bool = True) -> Path:
+    from sida_diffusers.evaluation import step_result_key
     from sida_diffusers.training import SiDATrainer, make_config
     from sida_diffusers.training.ema import HalfLifeEMA
     from sida_diffusers.training.outputs import evaluate, sampling_pipeline
@@ -57,7 +61,14 @@ def search_run(name: str, overrides: dict, kimg: float, eval_every: float, emas:
                             "ema_rampup_ratio": cfg.ema_rampup_ratio}) + "\n")
     every, start = int(eval_every * 1000), time.time()
     key = f"fd_digits_{cfg.eval_num_samples}"
-    score = lambda net: evaluate(trainer.suite, sampling_pipeline(net.eval(), cfg.init_sigma), trainer.label_pool)[key]
+    steps = sorted({1, min(2, cfg.num_steps), cfg.num_steps})
+
+    def score(net):
+        """One step: the FD-digits; few-step: {steps: FD-digits} for 1, 2 and K steps along the trained grid."""
+        pipe = sampling_pipeline(net.eval(), cfg.init_sigma, step_sigmas=trainer.step_sigmas, renoise=cfg.renoise)
+        values = evaluate(trainer.suite, pipe, trainer.label_pool, steps)
+        by_steps = {str(k): values[step_result_key(key, k)] for k in steps}
+        return by_steps["1"] if cfg.num_steps == 1 else by_steps
     while trainer.cur_nimg < kimg * 1000:
         prev = trainer.cur_nimg
         trainer.step()
@@ -66,7 +77,8 @@ def search_run(name: str, overrides: dict, kimg: float, eval_every: float, emas:
         if trainer.cur_nimg // every > prev // every or trainer.cur_nimg >= kimg * 1000:
             record = {"kimg": trainer.cur_nimg / 1000, "train_s": round(time.time() - start, 1)}
             record.update({f"ema{h:g}": score(e.ema_model) for h, e in extra.items()})
-            record["raw"] = score(copy.deepcopy(gen))
+            if raw or cfg.num_steps == 1:
+                record["raw"] = score(copy.deepcopy(gen))
             record["losses"] = {k: float(v) for k, v in trainer.last_losses.items()}
             with open(log, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -85,8 +97,12 @@ def summarize(root: Path = ROOT) -> str:
             continue
         parts = []
         for key in [k for k in evals[-1] if k.startswith("ema") or k == "raw"]:
-            best = min(evals, key=lambda r: r[key])
-            parts.append(f"{key} best {best[key]:.2f}@{best['kimg']:g} last {evals[-1][key]:.2f}")
+            # one-step runs record a number, few-step runs {steps: number}
+            series = {"": [r[key] for r in evals]} if not isinstance(evals[-1][key], dict) else {
+                f"/{k}": [r[key][k] for r in evals] for k in evals[-1][key]}
+            for steps, values in series.items():
+                best = min(range(len(values)), key=values.__getitem__)
+                parts.append(f"{key}{steps} best {values[best]:.2f}@{evals[best]['kimg']:g} last {values[-1]:.2f}")
         lines.append(f"{log.stem} {head['overrides']} to {evals[-1]['kimg']:g} kimg: " + "; ".join(parts))
     return "\n".join(lines)
 
@@ -99,6 +115,8 @@ def main(argv=None) -> None:
     p.add_argument("--eval_every", type=float, default=4, help="kimg between evaluations")
     p.add_argument("--emas", type=float, nargs="*", default=[2, 5, 10, 20], help="EMA half-lives (kimg) to score")
     p.add_argument("--root", default=str(ROOT), help="where logs and final generators go")
+    p.add_argument("--raw", action=argparse.BooleanOptionalAction, default=None,
+                   help="also score the raw generator (default: for one-step runs only)")
     p.add_argument("--summarize", action="store_true", help="print one line per run and exit")
     args = p.parse_args(argv)
     if args.summarize:
@@ -106,7 +124,8 @@ def main(argv=None) -> None:
         return
     if not args.name:
         p.error("--name is required for a run")
-    print(search_run(args.name, parse_overrides(args.set), args.kimg, args.eval_every, args.emas, Path(args.root)))
+    print(search_run(args.name, parse_overrides(args.set), args.kimg, args.eval_every, args.emas, Path(args.root),
+                     raw=bool(args.raw)))
 
 
 if __name__ == "__main__":

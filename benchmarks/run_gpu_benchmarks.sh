@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # Every GPU benchmark of benchmarks/RESULTS.md in one go (~6 minutes on one H100/H200), JSON records into $OUT.
+# benchmarks/gpu_check.sh runs it after the correctness checks, in the same device call (check first, speed second).
 #
-# On the lent GPU machine (no network; it lacks diffusers/datasets/clean-fid), from the repo root. Before the device
-# call, on the workstation: mkdir -p .whl && cp ../shared/device-wheels/*.whl .whl/ && echo /.whl/ >> .git/info/exclude
-# then run with carry [".whl"]:
+# On a machine without network that lacks diffusers/datasets/clean-fid, from the repo root, with a `.whl/` folder of
+# wheels you prepared for its Python (see benchmarks/gpu_check.sh):
 #     bash benchmarks/run_gpu_benchmarks.sh
 # Options (environment): OUT (default ./bench_out), BUDGET_S (default 360: runs that would start later are recorded
-# as skipped), ONLY (a grep -E pattern on run names, e.g. ONLY='compile' to rerun the compiled runs alone).
+# as skipped), ONLY (a grep -E pattern on run names, e.g. ONLY='compile' to rerun the compiled runs alone),
+# WHEELS_READY=1 (the wheels are installed already: gpu_check.sh sets it).
 # Runs, most important first: each preset in the official numerics (fp32 for CIFAR-10, the networks' fp16 path for
 # ADM/EDM2), CIFAR-10 with TF32, each preset in bf16 + channels-last, one-step vs Heun sampling, then bf16 +
 # channels-last + torch.compile (the compile itself is in the warm-up, not in the timing).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD
+if [ "${WHEELS_READY:-0}" != 1 ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:$PWD
+fi
 OUT=${OUT:-$PWD/bench_out}
 BUDGET_S=${BUDGET_S:-360}
 ONLY=${ONLY:-.}

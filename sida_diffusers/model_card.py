@@ -22,7 +22,7 @@ from typing import Optional, Union
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from sida_diffusers.evaluation import parse_result_key
+from sida_diffusers.evaluation import parse_result_key, parse_step_result_key
 from sida_diffusers.pipelines.publishing import GRID_NAME, REPO_PLACEHOLDER
 from sida_diffusers.run_record import RunRecord, as_record, finite_metrics
 
@@ -144,38 +144,61 @@ def describe_metric(key: str, num_samples: Optional[int] = None) -> tuple:
     return metric, display + (f" ({'; '.join(notes)})" if notes else "")
 
 
+def split_steps(name: str) -> tuple:
+    """(result name, sampling steps) of a recorded metric name (`fd_digits_1797@4steps` -> 4 steps; ALGORITHM.md §11)."""
+    try:
+        return parse_step_result_key(name)
+    except ValueError:
+        return name, 1
+
+
 def _metrics_section(record: RunRecord) -> list:
-    """The student's metrics, with the teacher's beside them when the run measured it."""
-    student, teacher = finite_metrics(record.metrics), finite_metrics(record.teacher_metrics)
-    keys = list(dict.fromkeys([*student, *teacher]))
+    """The student's metrics (a column per number of sampling steps of a few-step generator), with the teacher's
+    beside them when the run measured it."""
+    student, teacher = {}, finite_metrics(record.teacher_metrics)
+    for key, value in finite_metrics(record.metrics).items():
+        result, steps = split_steps(key)
+        student.setdefault(steps, {})[result] = value
+    steps = sorted(student) or [1]
+    keys = list(dict.fromkeys([*(key for k in steps for key in student.get(k, {})), *teacher]))
     if not keys:
         return ["No metrics were recorded for this checkpoint."]
 
     def name(key):
         return escape(describe_metric(key, record.num_samples)[1])
 
-    if not teacher:
-        return ["| metric | value |", "|---|---|"] + [f"| {name(k)} | {student[k]:.4g} |" for k in keys]
-    nfe = record.teacher_nfe
-    teacher_label = f"teacher ({nfe} NFE)" if nfe else "teacher (multi-step sampler)"
-
     def cell(values, key):
         return f"{values[key]:.4g}" if key in values else "—"
 
-    return ([f"| metric | this model (1 NFE) | {teacher_label} |", "|---|---|---|"]
-            + [f"| {name(k)} | {cell(student, k)} | {cell(teacher, k)} |" for k in keys]
-            + ["", "The teacher column is the teacher itself, sampled with its multi-step (Heun) sampler and scored "
-                   "with the same metric."])
+    if not teacher and steps == [1]:
+        return ["| metric | value |", "|---|---|"] + [f"| {name(k)} | {student[1][k]:.4g} |" for k in keys]
+    nfe = record.teacher_nfe
+    columns = [f"this model ({k} NFE)" for k in steps]
+    columns += [f"teacher ({nfe} NFE)" if nfe else "teacher (multi-step sampler)"] if teacher else []
+    lines = [f"| metric | {' | '.join(columns)} |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name(key)} | " + " | ".join([cell(student.get(k, {}), key) for k in steps]
+                                                + ([cell(teacher, key)] if teacher else [])) + " |" for key in keys]
+    if len(steps) > 1:
+        lines += ["", "A column per number of steps the generator was sampled with (`num_inference_steps`), along the "
+                      "step grid it was trained on."]
+    if teacher:
+        lines += ["", "The teacher column is the teacher itself, sampled with its multi-step (Heun) sampler and scored "
+                      "with the same metric."]
+    return lines
 
 
 # ---- usage --------------------------------------------------------------------------------------------------------
-def usage_snippet(repo_id: str, conditional: bool = False) -> str:
-    """Loading with sida_diffusers, and generating one image per seed."""
+def usage_snippet(repo_id: str, conditional: bool = False, num_steps: int = 1) -> str:
+    """Loading with sida_diffusers, and generating one image per seed (a few-step generator: with K and 1 step)."""
     labels = ", class_labels=0" if conditional else ""
-    return (f"from sida_diffusers import SiDAPipeline, seed_generators\n"
-            f"pipe = SiDAPipeline.from_pretrained(\"{repo_id}\")\n"
-            f"images = pipe(batch_size=16{labels}, generator=seed_generators(range(16))).images  "
-            "# one network evaluation per image")
+    snippet = (f"from sida_diffusers import SiDAPipeline, seed_generators\n"
+               f"pipe = SiDAPipeline.from_pretrained(\"{repo_id}\")\n"
+               f"images = pipe(batch_size=16{labels}, generator=seed_generators(range(16))).images  ")
+    if num_steps == 1:
+        return snippet + "# one network evaluation per image"
+    return (snippet + f"# {num_steps} steps, the trained number\n"
+            f"images = pipe(batch_size=16{labels}, generator=seed_generators(range(16)), num_inference_steps=1).images"
+            f"  # any 1..{num_steps}")
 
 
 def remote_code_snippet(repo_id: str, conditional: bool = False) -> str:
@@ -207,19 +230,22 @@ def make_model_card(record: Union[RunRecord, dict], repo_id: Optional[str] = Non
         license_name = (license_name or UNKNOWN_LICENSE_NAME) if license == "other" else None
     dataset = hub_dataset(record.dataset)
     dataset_shown = escape(public_name(record.dataset) or "unknown", markdown=False)
-    model_name = (repo_id or "").split("/")[-1] or f"{method_name} one-step generator"
+    num_steps = record.num_steps or 1  # a few-step generator (ALGORITHM.md §11)
+    model_name = (repo_id or "").split("/")[-1] or f"{method_name} {'one' if num_steps == 1 else num_steps}-step generator"
     task = "class-conditional-image-generation" if record.conditional else "unconditional-image-generation"
     eval_results = [
         EvalResult(task_type=task, dataset_type=dataset or "custom", dataset_name=dataset_shown,
-                   metric_type=_slug(metric), metric_name=escape(display, markdown=False), metric_value=value)
-        for key, value in finite_metrics(record.metrics).items()
+                   metric_type=_slug(metric), metric_value=value,
+                   metric_name=escape(display if steps == 1 else f"{display}, {steps} steps", markdown=False))
+        for name, value in finite_metrics(record.metrics).items()
+        for key, steps in [split_steps(name)]
         for metric, display in [describe_metric(key, record.num_samples)]
     ] or None
     data = ModelCardData(
         library_name="diffusers", pipeline_tag=None if record.conditional else "unconditional-image-generation",
         license=card_license_id, license_name=license_name if card_license_id == "other" else None,
         license_link=license_link if card_license_id == "other" else None,
-        tags=list(dict.fromkeys(["sida", "one-step", "distillation", "edm2" if record.latent else "edm",
+        tags=list(dict.fromkeys(["sida", "one-step" if num_steps == 1 else "few-step", "distillation", "edm2" if record.latent else "edm",
                                  "class-conditional" if record.conditional else "unconditional",
                                  _slug(record.method.lower())])),
         base_model=hub_id(record.teacher), datasets=[dataset] if dataset else None,
@@ -229,17 +255,22 @@ def make_model_card(record: Union[RunRecord, dict], repo_id: Optional[str] = Non
     teacher = public_name(record.teacher)
     origin = f"the diffusion model {escape(teacher)}" if teacher else "an EDM/EDM2 diffusion model"
     kind = "class-conditional " if record.conditional else ""
+    steps_kind = "one-step" if num_steps == 1 else f"few-step ({num_steps}-step)"
+    cost = "It needs one network evaluation per image." if num_steps == 1 else (
+        f"It was trained to be sampled with any 1 to {num_steps} network evaluations per image "
+        f"(`num_inference_steps`, default {num_steps}), along the step grid in the training table.")
     lines = [f"# {escape(model_name)}", "",
-             f"A one-step {kind}image generator distilled from {origin} with **{method_name}** "
+             f"A {steps_kind} {kind}image generator distilled from {origin} with **{method_name}** "
              "(Score identity Distillation; Zhou et al., *Adversarial Score Identity Distillation: Rapidly Surpassing "
-             "the Teacher in One Step*, ICLR 2025), trained with `sida_diffusers`. It needs one network evaluation "
-             "per image.", ""]
+             f"the Teacher in One Step*, ICLR 2025), trained with `sida_diffusers`. {cost}", ""]
     if grid_image:
-        lines += [f"![samples from the one-step generator]({grid_image})", "",
-                  "*One network evaluation per image, one seed per image, each image's class label drawn from its "
+        alt = "one-step generator" if num_steps == 1 else f"{num_steps}-step generator"
+        evaluations = "One network evaluation" if num_steps == 1 else f"{num_steps} network evaluations"
+        lines += [f"![samples from the {alt}]({grid_image})", "",
+                  f"*{evaluations} per image, one seed per image, each image's class label drawn from its "
                   "seed (enlarged with nearest-neighbour upsampling, so every pixel is the model's).*", ""]
     lines += ["## Usage", "", "```bash", "pip install sida_diffusers", "```", "",
-              "```python", usage_snippet(repo, record.conditional), "```", "",
+              "```python", usage_snippet(repo, record.conditional, num_steps), "```", "",
               "Without `sida_diffusers`, plain Diffusers loads the same pipeline from the standalone module shipped "
               "in this repository (`sida_standalone.py`, generated from the package when it was saved) and gives "
               "the same images for the same generators:", "",
@@ -263,7 +294,8 @@ def make_model_card(record: Union[RunRecord, dict], repo_id: Optional[str] = Non
 def _training_table(record: RunRecord, method_name: str) -> list:
     """One row per `RunRecord` field with a `card` label and a value."""
     shown = {"method": method_name, "teacher": public_name(record.teacher), "source": public_name(record.source),
-             "generator_init": public_name(record.generator_init), "dataset": public_name(record.dataset)}
+             "generator_init": public_name(record.generator_init), "dataset": public_name(record.dataset),
+             "step_sigmas": record.step_sigmas and "[" + ", ".join(f"{s:g}" for s in record.step_sigmas) + "]"}
     rows = []
     for name, label in RunRecord.card_fields():
         value = shown[name] if name in shown else getattr(record, name)

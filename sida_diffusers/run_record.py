@@ -94,6 +94,11 @@ class RunRecord:
     metrics: dict[str, float] = _f({})
     teacher_metrics: Optional[dict[str, float]] = _f()  # the teacher, multi-step, same metrics and samples
     teacher_nfe: Optional[int] = _f()
+    # a few-step generator (ALGORITHM.md §11); None for a one-step generator
+    num_steps: Optional[int] = _f(None, "steps (K)")
+    step_sigmas: Optional[list[float]] = _f(None, "step noise levels")
+    renoise: Optional[str] = _f(None, "noise between steps")
+    step_sampling: Optional[str] = _f(None, "step sampling in training")
     sampling: dict[str, Any] = _f({})            # how the metrics were sampled (init_sigma, num_steps, num_samples)
     grid_size: Optional[int] = _f()              # images of the card's sample grid: seeds 0 .. grid_size - 1
     # keys of a newer record this version does not know, written back unchanged
@@ -141,6 +146,9 @@ class RunRecord:
         """Relations between fields that a type check cannot see."""
         if (self.latent_scale is None) != (self.latent_bias is None):
             raise ValueError("run record: latent_scale and latent_bias go together (ALGORITHM.md §6.1).")
+        if self.step_sigmas is not None and self.num_steps != len(self.step_sigmas):
+            raise ValueError(f"run record: num_steps is {self.num_steps} but step_sigmas lists "
+                             f"{len(self.step_sigmas)} noise levels (ALGORITHM.md §11.1).")
         if self.id2label and self.label_dim and max(self.id2label) >= self.label_dim:
             raise ValueError(f"run record: id2label names class {max(self.id2label)} but label_dim is "
                              f"{self.label_dim}.")

@@ -7,6 +7,7 @@ import struct
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
@@ -16,6 +17,7 @@ from sida_diffusers.data.datasets import build_dataset
 from sida_diffusers.networks import denoiser_from_official
 from sida_diffusers.networks.edm_layers import UNetBlock
 from sida_diffusers.networks.precond import EDMPrecond
+from sida_diffusers.networks.precond_edm2 import EDM2Precond
 from sida_diffusers.training import make_config
 
 import official_pickles
@@ -203,6 +205,30 @@ def tiny_teacher(label_dim=10, augment_dim=0, channels=1, resolution=8, seed=0):
                                         augment_dim=augment_dim, dropout=0.1)).eval()
 
 
+def tiny_edm2(dropout=0.2, logvar_channels=16, seed=0):
+    """A real EDM2Precond (8x8x4 latents, 10 classes, attention at 4x4) with weights redrawn N(0, 0.3^2): EDM2's
+    zero-initialised gains would otherwise leave most outputs and gradients zero."""
+    torch.manual_seed(seed)
+    net = EDM2Precond(img_resolution=8, img_channels=4, label_dim=10, model_channels=16, channel_mult=[1, 2],
+                      num_blocks=1, attn_resolutions=[4], channels_per_head=8, dropout=dropout,
+                      logvar_channels=logvar_channels, use_fp16=False)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(0.3 * torch.randn(p.shape))
+    return net.eval()
+
+
+def write_latents(root, moments, labels):
+    """An EDM2 dataset_tool-style latent folder: 00000/img-mean-std-XXXXXXXX.npy plus dataset.json."""
+    entries = []
+    for i, m in enumerate(moments):
+        name = f"00000/img-mean-std-{i:08d}.npy"
+        (root / "00000").mkdir(parents=True, exist_ok=True)
+        np.save(root / name, m)
+        entries.append([name, int(labels[i])])
+    (root / "dataset.json").write_text(json.dumps({"labels": entries}))
+
+
 def tiny_config(tmp_path, **overrides):
     values = dict(teacher="tiny", method="sida", train_data="digits", resolution=8, train_batch_size=4,
                   total_batch_size=8, warmup_kimg=0.008, adversarial_start_kimg=0.016, max_train_kimg=0.032,
@@ -219,6 +245,16 @@ def digits8():
 @pytest.fixture(scope="module")
 def digits16():
     return build_dataset("digits")
+
+
+def edm_uint8(x):
+    """ALGORITHM.md §2: (x * 127.5 + 128).clamp(0, 255), truncated; NHWC."""
+    return (x.double() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def edm_np(x):
+    """What output_type="np" holds for generator output x: EDM's uint8 image / 255 as float32 (Diffusers' range)."""
+    return edm_uint8(x).astype(np.float32) / 255
 
 
 def params(net):

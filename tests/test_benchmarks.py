@@ -66,3 +66,25 @@ def test_full_size_teachers_have_the_official_parameter_count(preset):
     official = full_size_shapes()[bench_train.PRESETS[preset]["official"]]
     teacher = bench_train.build_teacher(preset)
     assert sum(p.numel() for p in teacher.parameters()) == official["num_params"]
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_end_to_end_as_a_dry_run_and_lists_what_needs_cuda(tmp_path):
+    # On a machine without a GPU every check that can run does (tiny sizes, the CPU standing in for the device); the
+    # CUDA-only parts are listed, so the one device call is known to start when a GPU is lent.
+    import os
+    import subprocess
+    import tarfile
+
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--dry_run"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.json", "gpu_out.tar.gz", "log.txt", "speed_all.jsonl"]
+    summary = json.loads((out / "gpu_check.json").read_text())["summary"]
+    assert summary["dry_run"] and summary["passed"]
+    assert set(summary["checks"]) == {"networks", "losses", "iteration", "compile", "fsdp", "digits", "memory"}
+    assert {"networks", "memory", "compile", "digits"} <= set(summary["skipped"])
+    with tarfile.open(out / "gpu_out.tar.gz") as archive:
+        assert "work/digits_bf16/pipeline/model_index.json" in archive.getnames()

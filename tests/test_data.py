@@ -12,6 +12,8 @@ from sida_diffusers.digits import load_digits_dataset
 from sida_diffusers.networks import one_hot
 from sida_diffusers.training.batches import InfiniteBatchStream
 
+from conftest import write_latents
+
 
 @pytest.fixture(scope="module")
 def digits_hf():
@@ -30,17 +32,6 @@ def write_png(path, array):
 
 def rgb(value, size=8):
     return np.full((size, size, 3), value, dtype=np.uint8)
-
-
-def write_latents(root, moments, labels):
-    """An EDM2 dataset_tool-style latent folder: 00000/img-mean-std-XXXXXXXX.npy plus dataset.json."""
-    entries = []
-    for i, m in enumerate(moments):
-        name = f"00000/img-mean-std-{i:08d}.npy"
-        (root / "00000").mkdir(parents=True, exist_ok=True)
-        np.save(root / name, m)
-        entries.append([name, int(labels[i])])
-    (root / "dataset.json").write_text(json.dumps({"labels": entries}))
 
 
 # ---- sources ---------------------------------------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def test_sida_convert_checks_its_own_options_in_one_line(tmp_path, capsys):
     (["--steps", "-4"], "--steps must be >= 1"),
     (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
     (["--seeds", "9-2"], "argument --seeds: bad seed list '9-2'"),
+    (["--steps", "2"], "num_inference_steps=2 but this generator was trained for at most 1 step"),  # §11.4
 ])
 def test_sida_sample_refuses_bad_options_before_writing_anything(pipeline, tmp_path, capsys, argv, problem):
     fails_in_one_line(capsys, sample, [pipeline, "--outdir", tmp_path / "out", "--device", "cpu", *argv], problem)
@@ -144,6 +145,7 @@ def test_sida_ref_stats_refuses_an_output_it_could_not_write_before_reading_the_
 
 def test_sida_eval_refuses_bad_steps_and_an_unwritable_output_before_generating(pipeline, tmp_path, capsys):
     fails_in_one_line(capsys, evaluate, [pipeline, "--steps", "0"], "--steps must be >= 1, got 0")
+    fails_in_one_line(capsys, evaluate, [pipeline, "--steps", "3"], "trained for at most 1 step")  # one-step model
     (tmp_path / "results").mkdir()
     fails_in_one_line(capsys, evaluate, [pipeline, "--out", tmp_path / "results"], "is an existing folder")
     fails_in_one_line(capsys, evaluate, [pipeline, "--repeats", "0"], "--repeats must be >= 1")

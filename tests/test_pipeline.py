@@ -11,7 +11,7 @@ from diffusers import AutoencoderKL
 from sida_diffusers.cli import sample as sample_cli
 from sida_diffusers.pipelines import EDM2_LATENT_BIAS, EDM2_LATENT_SCALE, SiDAPipeline, np_to_uint8, seed_generators
 
-from conftest import ID2LABEL, tiny_edm, tiny_vae
+from conftest import ID2LABEL, edm_np, edm_uint8, tiny_edm, tiny_vae
 
 
 def make_pipe(**kwargs):
@@ -23,16 +23,6 @@ def make_pipe(**kwargs):
 @pytest.fixture
 def cond_pipe():
     return make_pipe(unet=tiny_edm(label_dim=3), id2label=ID2LABEL)
-
-
-def edm_uint8(x):
-    """ALGORITHM.md §2: (x * 127.5 + 128).clamp(0, 255), truncated; NHWC."""
-    return (x.double() * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def edm_np(x):
-    """What output_type="np" holds for generator output x: EDM's uint8 image / 255 as float32 (Diffusers' range)."""
-    return edm_uint8(x).astype(np.float32) / 255
 
 
 def test_one_step_output_is_generator_at_init_sigma_with_edm_per_seed_noise():
@@ -135,15 +125,15 @@ def test_user_latents_are_the_unit_noise():
     np.testing.assert_array_equal(from_latents, from_seed)
 
 
-def test_multistep_renoises_at_decreasing_sigmas_and_reapplies_the_generator():
+def test_an_explicit_schedule_renoises_at_its_sigmas_and_reapplies_the_generator():
     net = tiny_edm(augment_dim=0)
-    pipe = make_pipe(unet=net)
-    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=3,
+    pipe = make_pipe(unet=net)  # a one-step generator: more steps only through explicit (untrained) sigmas
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), sigmas=[2.5, 2.5 * 2 / 3, 2.5 / 3],
                   output_type="np").images
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         x = net(2.5 * torch.randn(2, 3, 8, 8, generator=g), 2.5)
-        for k in (1, 2):  # sigma_k = init_sigma (K - k) / K  (ALGORITHM.md §2)
+        for k in (1, 2):  # sigma_k = init_sigma (K - k) / K, the official multistep grid (ALGORITHM.md §2, §11.1)
             sigma_k = 2.5 * (3 - k) / 3
             x = net(x + sigma_k * torch.randn(2, 3, 8, 8, generator=g), sigma_k)
     np.testing.assert_array_equal(images, edm_np(x))

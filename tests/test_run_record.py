@@ -34,12 +34,12 @@ def test_a_run_info_written_before_the_record_was_versioned_still_loads(tmp_path
 
 
 def test_keys_of_a_newer_record_are_kept_aside_with_a_warning_and_written_back(tmp_path):
-    newer = {"record_version": RECORD_VERSION + 1, "method": "sida", "step_sigmas": [2.5, 1.0], "num_steps": 2}
-    with pytest.warns(UserWarning, match=r"\['num_steps', 'step_sigmas'\] .* kept aside"):
+    newer = {"record_version": RECORD_VERSION + 1, "method": "sida", "guidance_interval": [0.2, 1.0], "cfg_scale": 2}
+    with pytest.warns(UserWarning, match=r"\['cfg_scale', 'guidance_interval'\] .* kept aside"):
         record = RunRecord.from_dict(newer)
-    assert record.extras == {"step_sigmas": [2.5, 1.0], "num_steps": 2}
+    assert record.extras == {"guidance_interval": [0.2, 1.0], "cfg_scale": 2}
     record.write(tmp_path)
-    assert json.loads((tmp_path / "run_info.json").read_text())["step_sigmas"] == [2.5, 1.0]
+    assert json.loads((tmp_path / "run_info.json").read_text())["guidance_interval"] == [0.2, 1.0]
 
 
 @pytest.mark.parametrize("values, problem", [
@@ -72,8 +72,10 @@ def test_every_field_with_a_card_label_is_a_row_of_the_model_card():
     for f in dataclasses.fields(RunRecord):
         if "card" in f.metadata:
             values[f.name] = 7 if "int" in str(f.type) or "float" in str(f.type) else f"value {len(values)}"
+            if "list" in str(f.type):  # a K-step grid (num_steps is 7): seven decreasing noise levels
+                values[f.name] = [7.0 - i for i in range(7)]
     values["method"] = "sida"
     text = str(make_model_card(RunRecord(**values)))
     for name, label in RunRecord.card_fields():
-        shown = "SiDA" if name == "method" else values[name]
+        shown = {"method": "SiDA", "step_sigmas": r"\[7, 6, 5, 4, 3, 2, 1\]"}.get(name, values[name])
         assert f"| {label} | {shown} |" in text, name

@@ -37,13 +37,14 @@ def tiny_edm2(label_dim=4):
 def pipelines():
     return {
         "edm-cond": SiDAPipeline(unet=tiny_edm(label_dim=3), id2label=ID2LABEL),
+        "edm-2step": SiDAPipeline(unet=tiny_edm(), step_sigmas=[2.5, 0.6]),  # a few-step generator (ALGORITHM.md §11)
         "edm2-latent": SiDAPipeline(unet=tiny_edm2(), vae=tiny_vae(), latent_scale=EDM2_LATENT_SCALE,
                                     latent_bias=EDM2_LATENT_BIAS),
     }
 
 
 # The class_labels of each call (one generator per seed; None draws the labels from the generators).
-CALLS = {"edm-cond": [[0, 2, 1, 1], None], "edm2-latent": [None, [3, 0, 1, 2]]}
+CALLS = {"edm-cond": [[0, 2, 1, 1], None], "edm-2step": [None], "edm2-latent": [None, [3, 0, 1, 2]]}
 
 
 def generate(pipe, name):
@@ -95,7 +96,7 @@ def test_the_generated_module_makes_the_same_images_as_the_package(saved):
         spec.loader.exec_module(module)
         unet = getattr(module, type(pipe.unet).__name__).from_pretrained(saved / name / "unet").eval()
         copy = module.SiDAPipeline(unet=unet, vae=pipe.vae, **{k: pipe.config[k] for k in (
-            "init_sigma", "id2label", "latent_scale", "latent_bias")})
+            "init_sigma", "id2label", "latent_scale", "latent_bias", "step_sigmas", "renoise")})
         for ours, theirs in zip(generate(copy, name), generate(pipe, name)):
             np.testing.assert_array_equal(ours, theirs)
 

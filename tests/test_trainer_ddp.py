@@ -49,3 +49,45 @@ def test_two_processes_finish_with_identical_parameters_on_every_rank(tmp_path, 
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
     assert not torch.equal(rank0["generator"], initial) and not torch.equal(rank0["fake_score"], initial)
+
+
+K_STAR_SCRIPT = """
+import json, sys, torch
+from sida_diffusers.training import SiDATrainer, parse_args
+
+class Recording(SiDATrainer):
+    drawn = []
+
+    def step(self):
+        stage = super().step()
+        self.drawn.append(self.k_star)
+        return stage
+
+trainer = Recording(parse_args(sys.argv[1:]))
+trainer.train()
+params = torch.cat([p.detach().flatten() for p in trainer.unwrap(trainer.generator).parameters()])
+rank = trainer.accelerator.process_index
+torch.save(params, f"{trainer.output_dir}/generator_rank{rank}.pt")
+with open(f"{trainer.output_dir}/k_star_rank{rank}.json", "w") as f:
+    json.dump(trainer.drawn, f)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_the_same_k_star_sequence_of_a_four_step_generator(tmp_path):
+    tiny_teacher().save_pretrained(tmp_path / "teacher")
+    (tmp_path / "train.py").write_text(K_STAR_SCRIPT)
+    out = tmp_path / "run"
+    flags = ["--teacher", str(tmp_path / "teacher"), "--method", "sida", "--train_data", "digits", "--resolution", "8",
+             "--train_batch_size", "4", "--total_batch_size", "8", "--warmup_kimg", "0", "--adversarial_start_kimg",
+             "0", "--max_train_kimg", "0.064", "--checkpointing_kimg", "1", "--log_every_kimg", "0.016",
+             "--num_steps", "4", "--step_sigmas", "karras", "--lr", "1e-3", "--glr", "1e-3", "--sample_grid_size", "0",
+             "--seed", "3", "--cpu", "--output_dir", str(out)]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "train.py"), *flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    drawn = [json.loads((out / f"k_star_rank{r}.json").read_text()) for r in (0, 1)]
+    assert drawn[0] == drawn[1] and len(drawn[0]) == 8 and len(set(drawn[0])) > 1  # a real mixture, the same on both
+    torch.testing.assert_close(torch.load(out / "generator_rank0.pt"), torch.load(out / "generator_rank1.pt"),
+                               rtol=0, atol=0)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
-from sida_diffusers.cli.sample import MAX_BATCH, MAX_SEED, MAX_STEPS
+from sida_diffusers.cli.sample import MAX_BATCH, MAX_SEED, MAX_STEPS, image_shape
 from sida_diffusers.data.image_files import MAX_LABEL_VALUES
 from sida_diffusers.digits import register_digits_metric
 from sida_diffusers.evaluation import MetricSuite, available_metrics, evaluate_repeats, pipeline_sample_fn
@@ -66,15 +66,6 @@ def trained_on_digits(src: str) -> bool:
         return False
 
 
-def image_shape(pipe) -> tuple:
-    """``(C, H, W)`` of the uint8 images the pipeline returns (EDM2 latents decode to RGB at 8x the latent size)."""
-    _, channels, res, _ = pipe.sample_shape(1)
-    if pipe.config.latent_scale is None:
-        return channels, res, res
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return 3, res * factor, res * factor
-
-
 def format_table(results: dict) -> str:
     width = max(len(k) for k in results)
     return "\n".join(f"{k:<{width}}  {v['mean']:.4f} ± {v['std']:.4f}  (n={len(v['values'])})"
@@ -100,7 +91,8 @@ def build_parser() -> CommandParser:
     parser.add_argument("--inception-mode", default="legacy_tensorflow",
                         choices=("legacy_tensorflow", "clean"), help="legacy_tensorflow matches EDM/SiD numbers")
     parser.add_argument("--dinov2", help="Dinov2Model folder or Hub id for fd_dinov2 (default facebook/dinov2-large)")
-    parser.add_argument("--steps", type=int, help="num_inference_steps passed to the pipeline")
+    parser.add_argument("--steps", type=int, help="num_inference_steps passed to the pipeline (SiDA: 1..K along the "
+                                                  "trained step grid, default K)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", help="write the results as JSON here")
     return parser
@@ -123,10 +115,11 @@ def main(argv=None) -> int:
     if args.out:
         parser.check_writable_file("--out", args.out)  # checked now, not after hours of evaluation
 
-    from sida_diffusers.cli.sample import load_pipeline
+    from sida_diffusers.cli.sample import check_steps, load_pipeline
 
     try:
         pipe = load_pipeline(args.pipeline, args.device)
+        check_steps(pipe, args.steps)
         unet = pipe.denoiser
         options = dict(batch_size=args.batch_size, device=args.device, inception=args.inception,
                        inception_mode=args.inception_mode, dinov2=args.dinov2, image_shape=image_shape(pipe))
@@ -163,6 +156,7 @@ def main(argv=None) -> int:
     if args.out:
         record = {"pipeline": args.pipeline, "reference": args.ref, "num_samples": args.num_samples,
                   "repeats": args.repeats, "seeds_start": args.seeds_start, "inception_mode": args.inception_mode,
+                  "num_inference_steps": args.steps or getattr(pipe, "num_steps", None),
                   "results": results}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(record, indent=2) + "\n")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from sida_diffusers.cli import INPUT_ERRORS, CommandParser
 from sida_diffusers.pipelines import EDMHeunPipeline, SiDAPipeline, grid_image, heun_nfe, uint8_to_pil
+from sida_diffusers.pipelines.few_step import inference_sigmas
 from sida_diffusers.safe_io.files import read_json
 from sida_diffusers.safe_io.model_files import MAX_CONFIG_BYTES
 from sida_diffusers.safe_io.paths import check_folder_files
@@ -112,11 +113,28 @@ def load_pipeline(src: str, device="cpu"):
             diffusers_logging.enable_progress_bar()
 
 
+def check_steps(pipe, steps) -> None:
+    """A SiDAPipeline samples at most the K steps it was trained for (ALGORITHM.md §11.4): refuse more now, before
+    anything is generated or written."""
+    if steps is not None and isinstance(pipe, SiDAPipeline):
+        inference_sigmas(pipe.config.step_sigmas or [pipe.config.init_sigma], steps)
+
+
+def image_shape(pipe) -> tuple:
+    """``(C, H, W)`` of the uint8 images the pipeline returns (EDM2 latents decode to RGB at 8x the latent size)."""
+    _, channels, res, _ = pipe.sample_shape(1)
+    if pipe.config.latent_scale is None:
+        return channels, res, res
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    return 3, res * factor, res * factor
+
+
 def network_evaluations(pipe, steps) -> int:
-    """Network evaluations per image: the steps of a SiDAPipeline, 2N-1 for the (unguided) Heun sampler."""
+    """Network evaluations per image: the steps of a SiDAPipeline (default its trained K, ALGORITHM.md §11), 2N-1 for
+    the (unguided) Heun sampler."""
     if isinstance(pipe, EDMHeunPipeline):
         return heun_nfe(pipe.sampler_settings(num_steps=steps)["num_steps"])
-    return steps or 1
+    return steps or getattr(pipe, "num_steps", 1)
 
 
 def build_parser() -> CommandParser:
@@ -133,7 +151,8 @@ def build_parser() -> CommandParser:
                                                                    "on it)")
     parser.add_argument("--npz", action="store_true", help="write one samples.npz (arr_0 uint8 NHWC, seeds) instead "
                                                            "of PNGs")
-    parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1 = one step; Heun: the preset's)")
+    parser.add_argument("--steps", type=int, help="num_inference_steps (SiDA: 1..K along the trained step grid, "
+                                                  "default K, 1 for a one-step generator; Heun: the preset's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser
 
@@ -169,8 +188,8 @@ def main(argv=None) -> int:
         # model without its VAE) is refused now, before any image is written.
         pipe.check_common_inputs(1, "np", None)
         pipe.prepare_class_labels(labels, len(labels or [None]), None, "cpu")
+        check_steps(pipe, args.steps)
         if args.npz:  # samples.npz holds every image in memory until it is written
-            from sida_diffusers.cli.evaluate import image_shape
             from sida_diffusers.data.datasets import cache_budget
 
             need = len(args.seeds) * math.prod(image_shape(pipe))

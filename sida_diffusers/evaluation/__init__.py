@@ -15,9 +15,11 @@ from sida_diffusers.evaluation.suite import (
                                              count_tag,
                                              evaluate_repeats,
                                              parse_result_key,
+                                             parse_step_result_key,
                                              pipeline_sample_fn,
                                              register_feature_metric,
                                              result_keys,
+                                             step_result_key,
 )
 from sida_diffusers.evaluation.tracking import BestTracker, append_metrics_jsonl, plot_curves
 
@@ -25,6 +27,7 @@ from sida_diffusers.evaluation.tracking import BestTracker, append_metrics_jsonl
 __all__ = [
     "BestTracker", "DINOv2Features", "InceptionFeatures", "MetricSuite", "Reference", "append_metrics_jsonl",
     "available_metrics", "count_tag", "evaluate_repeats", "feature_statistics", "frechet_distance", "inception_score",
-    "kernel_inception_distance", "load_reference", "parse_result_key", "pipeline_sample_fn", "plot_curves",
-    "precision_recall", "register_feature_metric", "resolve_inception_path", "result_keys", "save_reference", "to_rgb",
+    "kernel_inception_distance", "load_reference", "parse_result_key", "parse_step_result_key", "pipeline_sample_fn",
+    "plot_curves", "precision_recall", "register_feature_metric", "resolve_inception_path", "result_keys",
+    "save_reference", "step_result_key", "to_rgb",
 ]

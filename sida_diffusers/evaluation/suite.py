@@ -91,6 +91,22 @@ def parse_result_key(key: str) -> tuple[str, int]:
     return metric, int(number) * (1000 if thousands else 1)
 
 
+def step_result_key(key: str, steps: int) -> str:
+    """The name of result `key` for a generator sampled with `steps` steps (ALGORITHM.md §11): `key` itself for one
+    step (so one-step runs keep their names), ``'fd_digits_1797@4steps'`` otherwise."""
+    return key if steps == 1 else f"{key}@{steps}steps"
+
+
+def parse_step_result_key(name: str) -> tuple[str, int]:
+    """The inverse of ``step_result_key``: ``'fid_10k@2steps' -> ('fid_10k', 2)``, ``'fid_10k' -> ('fid_10k', 1)``."""
+    key, sep, steps = name.partition("@")
+    if not sep:
+        return name, 1
+    if not (steps.endswith("steps") and steps[:-5].isdigit() and int(steps[:-5]) > 1):
+        raise ValueError(f"{name!r} is not a step-tagged result name; expected e.g. 'fd_digits_1797@4steps'.")
+    return key, int(steps[:-5])
+
+
 class MetricSuite:
     """Computes ``metrics`` on ``num_samples`` generated images against ``reference`` (see ``load_reference``).
 

@@ -7,6 +7,7 @@ UNet. Subclasses supply the preconditioning coefficients and the backbone; this 
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Union
 
 import numpy as np
@@ -45,6 +46,17 @@ def one_hot(labels, label_dim: int) -> torch.Tensor:
     return torch.nn.functional.one_hot(labels, label_dim).to(torch.float32)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """`torch.is_autocast_enabled` that also answers for meta tensors (never autocast), which memory planning runs the
+    networks on (shapes only, ALGORITHM.md §13.4)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
+def autocast_off(device_type: str):
+    """A region computed in the inputs' own dtype whatever the autocast state (meta tensors: nothing to switch off)."""
+    return contextlib.nullcontext() if device_type == "meta" else torch.autocast(device_type, enabled=False)
+
+
 def edm_preconditioning(sigma: torch.Tensor, sigma_data: float):
     """EDM's ``(c_skip, c_out, c_in, c_noise)`` for sigma ``[N,1,1,1]``, c_noise = ln(sigma)/4 flattened to ``[N]``
     (ALGORITHM.md §1.2), in the official operation order; EDM2 uses the same coefficients (§1.3)."""
@@ -75,6 +87,10 @@ class Denoiser(ModelMixin, ConfigMixin):
     family = "edm"
     #: whether SiD / SiDA may distil this denoiser (its preconditioning is one the trainer supports, §1.2)
     distillable = False
+    #: Diffusers' flags: `enable_gradient_checkpointing()` checkpoints every UNet block; `_no_split_modules` names
+    #: the block class, the unit of sharding (`training/sharding.py`, ALGORITHM.md §13.1)
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["UNetBlock"]
 
     # ---- to be provided by subclasses -------------------------------------------------------------------------
     def preconditioning(self, sigma: torch.Tensor):
@@ -118,14 +134,15 @@ class Denoiser(ModelMixin, ConfigMixin):
         return float(getattr(self.config, "sigma_data", 0.5))
 
     def unet_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the raw UNet runs in: float16 only with ``use_fp16`` on CUDA (ALGORITHM.md §1.4).
+        """The dtype the raw UNet runs in: float16 only with ``use_fp16`` on CUDA (ALGORITHM.md §1.4), and on meta
+        tensors, so that memory planning sees what a CUDA run allocates.
 
         Under ``torch.autocast`` the input stays float32 and autocast picks the compute dtype, so the input is not
         rounded to float16 before being cast to, say, bfloat16.
         """
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_enabled(x.device.type):
             return torch.float32
-        if getattr(self.config, "use_fp16", False) and x.device.type == "cuda":
+        if getattr(self.config, "use_fp16", False) and x.device.type in ("cuda", "meta"):
             return torch.float16
         return torch.float32
 

@@ -31,7 +31,18 @@ class _EncoderDecoderUNet(torch.nn.Module):
 
     Subclasses provide `embed(noise_labels, class_labels, augment_labels, batch)`, `encode(x, emb, keep_skips)`
     returning the last encoder activation and the skip list, and `decode(x, emb, skips)`.
+
+    `gradient_checkpointing` (set by Diffusers' `enable_gradient_checkpointing()` on the denoiser) recomputes each
+    UNetBlock in backward instead of keeping its activations (ALGORITHM.md §13.4).
     """
+
+    gradient_checkpointing = False
+
+    def _block(self, block, x, emb):
+        """One UNetBlock, through activation checkpointing when it is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, x, emb)
+        return block(x, emb)
 
     def forward(self, x, noise_labels, class_labels, augment_labels=None, return_flag="decoder"):
         """F(x, c_noise, c): "decoder" -> F_x, "encoder" -> logits [N,1,h,w], "encoder_decoder" -> (F_x, logits)."""
@@ -173,7 +184,7 @@ class SongUNet(_EncoderDecoderUNet):
             elif "aux_residual" in name:
                 x = aux = (x + block(aux)) / math.sqrt(2)
             else:
-                x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+                x = self._block(block, x, emb) if isinstance(block, UNetBlock) else block(x)
             if keep_skips and "aux" in name:
                 skips[-1] = x  # an aux layer replaces the skip of the block it follows
             elif keep_skips:
@@ -192,7 +203,7 @@ class SongUNet(_EncoderDecoderUNet):
                 tmp = block(silu(tmp))
                 out = tmp if out is None else tmp + out
             else:
-                x = block(self._join_skip(x, block, skips), emb)
+                x = self._block(block, self._join_skip(x, block, skips), emb)
         return out
 
 
@@ -276,7 +287,7 @@ class DhariwalUNet(_EncoderDecoderUNet):
         """Run the `enc` blocks, keeping every activation as a skip unless `keep_skips=False`."""
         skips = []
         for block in self.enc.values():
-            x = block(x, emb) if isinstance(block, UNetBlock) else block(x)
+            x = self._block(block, x, emb) if isinstance(block, UNetBlock) else block(x)
             if keep_skips:
                 skips.append(x)
         return x, skips
@@ -284,7 +295,7 @@ class DhariwalUNet(_EncoderDecoderUNet):
     def decode(self, x, emb, skips):
         """Run the `dec` blocks and the output head."""
         for block in self.dec.values():
-            x = block(self._join_skip(x, block, skips), emb)
+            x = self._block(block, self._join_skip(x, block, skips), emb)
         return self.out_conv(silu(self.out_norm(x)))
 
 

@@ -206,7 +206,11 @@ class UNet(torch.nn.Module):
     `forward(x, noise_labels, class_labels, return_flag="decoder")` returns F_x for "decoder"; for "encoder" it
     runs the embedding and the `enc` blocks only and returns the channel mean of the last encoder block output,
     `[N,1,h,w]`; "encoder_decoder" returns `(F_x, logits)` from one pass (ALGORITHM.md §3).
+    `gradient_checkpointing` (set by Diffusers' `enable_gradient_checkpointing()` on the denoiser) recomputes each
+    Block in backward instead of keeping its activations (ALGORITHM.md §13.4).
     """
+
+    gradient_checkpointing = False
 
     def __init__(
         self,
@@ -282,6 +286,12 @@ class UNet(torch.nn.Module):
                 cout = channels
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
+    def _block(self, block, x, emb):
+        """One Block, through activation checkpointing when it is on and gradients are being recorded."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, x, emb)
+        return block(x, emb)
+
     def forward(self, x, noise_labels, class_labels=None, return_flag: str = "decoder"):
         if return_flag not in RETURN_FLAGS:
             raise ValueError(f"return_flag must be one of {RETURN_FLAGS}, got {return_flag!r}.")
@@ -296,7 +306,7 @@ class UNet(torch.nn.Module):
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for block in self.enc.values():
-            x = block(x) if isinstance(block, MPConv) else block(x, emb)
+            x = block(x) if isinstance(block, MPConv) else self._block(block, x, emb)
             skips.append(x)
         if return_flag != "decoder":
             # The discriminator map: channel mean of the last encoder block, before the bottleneck (ALGORITHM.md §3).
@@ -307,6 +317,6 @@ class UNet(torch.nn.Module):
         for name, block in self.dec.items():
             if "block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+            x = self._block(block, x, emb)
         x = self.out_conv(x, gain=self.out_gain)
         return x if return_flag == "decoder" else (x, logits)

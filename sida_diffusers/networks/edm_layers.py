@@ -13,6 +13,8 @@ import math
 import torch
 from torch.nn.functional import silu
 
+from sida_diffusers.networks.base import autocast_off
+
 
 def weight_init(shape, mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
     """Random weights of `shape` with the official EDM initialisation `mode`."""
@@ -111,7 +113,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
     Autocast is switched off so that bf16/fp16 autocast cannot lower the softmax precision.
     """
-    with torch.autocast(q.device.type, enabled=False):
+    with autocast_off(q.device.type):
         a = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2).float(), k.transpose(1, 2).float(), v.transpose(1, 2).float())
     return a.transpose(1, 2).to(v.dtype)

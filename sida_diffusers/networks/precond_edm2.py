@@ -15,7 +15,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (Diffusers' loader looks the base class up here)
 
-from sida_diffusers.networks.base import Denoiser, edm_preconditioning, plain_config
+from sida_diffusers.networks.base import Denoiser, autocast_off, edm_preconditioning, plain_config
 from sida_diffusers.networks.edm2 import MPConv, MPFourier, UNet, normalize_mpconv_weights_
 
 
@@ -29,6 +29,7 @@ class EDM2Precond(Denoiser):
     distillable = True
 
     backbone_name = "unet"
+    _no_split_modules = ["Block"]
 
     @register_to_config
     def __init__(
@@ -104,7 +105,7 @@ class EDM2Precond(Denoiser):
         """The uncertainty u(sigma) of EDM2's loss, [N,1,1,1] (ALGORITHM.md §1.3)."""
         if not self.has_logvar:
             return super().logvar(c_noise)
-        with torch.autocast(c_noise.device.type, enabled=False):  # a loss weight e^-u: keep it exact in fp32
+        with autocast_off(c_noise.device.type):  # a loss weight e^-u: keep it exact in fp32
             return self.logvar_linear(self.logvar_fourier(c_noise.to(torch.float32))).reshape(-1, 1, 1, 1)
 
     def run_backbone(self, x_in, c_noise, class_labels, augment_labels, return_flag):

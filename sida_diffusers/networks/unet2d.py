@@ -18,6 +18,7 @@ scheduler_config.json: betas and prediction type), so `save_pretrained` / `from_
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from typing import Optional
@@ -29,7 +30,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (Diffusers
 from diffusers.schedulers import DDPMScheduler
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers
 
-from sida_diffusers.networks.base import Denoiser
+from sida_diffusers.networks.base import Denoiser, autocast_enabled
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -215,6 +216,7 @@ class UNet2DDenoiser(DiscreteVPDenoiser):
     """
 
     backbone_name = "unet"
+    _no_split_modules = ["ResnetBlock2D", "Attention"]  # Diffusers' blocks: the units of sharding (ALGORITHM.md §13.1)
 
     @register_to_config
     def __init__(
@@ -265,7 +267,7 @@ class UNet2DDenoiser(DiscreteVPDenoiser):
     def unet_dtype(self, x: torch.Tensor) -> torch.dtype:
         # UNet2DModel's layers do not cast their weights: the input takes the weights' dtype, and `use_fp16` runs
         # float32 weights under float16 autocast (run_backbone) instead of casting the input.
-        return torch.float32 if torch.is_autocast_enabled(x.device.type) else self.unet.dtype
+        return torch.float32 if autocast_enabled(x.device.type) else self.unet.dtype
 
     def select_output(self, f_x: torch.Tensor) -> torch.Tensor:
         return f_x[:, : self.img_channels]  # a learned-variance UNet also predicts the variance
@@ -273,7 +275,7 @@ class UNet2DDenoiser(DiscreteVPDenoiser):
     def run_backbone(self, x_in, c_noise, class_labels, augment_labels, return_flag):
         fp16 = (self.config.use_fp16 and x_in.device.type == "cuda" and self.unet.dtype == torch.float32
                 and not torch.is_autocast_enabled("cuda"))
-        with torch.autocast(x_in.device.type, dtype=torch.float16, enabled=fp16):
+        with torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext():  # (meta: planning)
             h, emb, skips = self.encode(x_in, c_noise, class_labels)
             logits = h.mean(dim=1, keepdim=True) if return_flag != "decoder" else None
             if return_flag == "encoder":

@@ -51,3 +51,13 @@ class DenoiserView:
             denoiser = UNet2DDenoiser.over(unet, self.scheduler)
             self._remember_denoiser(denoiser, self.scheduler)
         return denoiser
+
+    def use_denoiser(self, denoiser) -> None:
+        """Sample with `denoiser` from now on (the trainer's EMA generator, or under --fsdp its gathered copy): a
+        `Denoiser` becomes `unet`; a `UNet2DDenoiser` gives its UNet2DModel (the schedule stays `scheduler`'s, so a
+        saved folder is still a plain UNet2DModel); None while a process holds no copy."""
+        if isinstance(denoiser, UNet2DDenoiser):
+            self.unet = denoiser.unet
+            self._remember_denoiser(denoiser, self.scheduler)
+        else:
+            self.unet = denoiser

@@ -1,4 +1,4 @@
-"""SiDAPipeline: one network evaluation per image from a SiD / SiDA / SiD²A generator (ALGORITHM.md §2).
+"""SiDAPipeline: one (or a few) network evaluations per image from a SiD / SiDA / SiD²A generator (ALGORITHM.md §2, §11).
 
 `EDMFamilyPipeline` holds what every pipeline over an EDM/EDM2 denoiser shares (the teacher's Heun sampler in
 `edm_sampler.py` subclasses it too): class-label parsing, noise drawing with EDM-style per-seed generators, the EDM2
@@ -24,7 +24,8 @@ from sida_diffusers.images import pixels_to_uint8, unit_to_uint8
 from sida_diffusers.latents import decode_latents
 from sida_diffusers.networks import Denoiser, one_hot
 from sida_diffusers.pipelines.components import DenoiserView, split_components
-from sida_diffusers.pipelines.conventions import PipelineConventionsMixin
+from sida_diffusers.pipelines.conventions import PipelineConventionsMixin, check_floats, check_id2label
+from sida_diffusers.pipelines.few_step import check_grid, few_step_generate, inference_sigmas
 from sida_diffusers.pipelines.loading import check_pipeline_folder, download_patterns
 from sida_diffusers.pipelines.publishing import PublishingMixin
 from sida_diffusers.schedule import INIT_SIGMA
@@ -86,43 +87,6 @@ def _as_generators(generator: GeneratorLike, batch_size: int):
     return generator
 
 
-MAX_LABELS = 100_000  # class names a pipeline may carry (ImageNet-21k has 21,841)
-
-
-def _is_index(key) -> bool:
-    return (isinstance(key, int) and not isinstance(key, bool)) or (isinstance(key, str) and key.isdigit()
-                                                                      and len(key) < 7)
-
-
-def _check_id2label(id2label) -> Optional[dict]:
-    """`id2label` as ``{int: str}``; JSON (config.json, Hub round trips) turns the int keys into strings."""
-    if id2label is None:
-        return None
-    if not isinstance(id2label, dict) or len(id2label) > MAX_LABELS:
-        what = f"dict of {len(id2label):,} entries" if isinstance(id2label, dict) else type(id2label).__name__
-        raise ValueError(f"id2label must be a dict {{class index: name}} of at most {MAX_LABELS:,} classes, got a "
-                         f"{what}; fix the pipeline's model_index.json (or pass id2label=None).")
-    bad = [k for k, v in id2label.items() if not (_is_index(k) and isinstance(v, str))]
-    if bad:
-        raise ValueError(f"id2label must map class indices to names; its entry {str(bad[0])[:40]!r} does not. Fix "
-                         "the pipeline's model_index.json.")
-    return {int(k): v for k, v in id2label.items()}
-
-
-def _check_floats(name: str, values) -> Optional[list]:
-    """A per-channel latent constant as a list of finite floats (config.json holds plain lists)."""
-    if values is None:
-        return None
-    try:
-        values = [float(c) for c in (values.tolist() if torch.is_tensor(values) else values)]
-    except (TypeError, ValueError):
-        values = None
-    if values is None or not 0 < len(values) <= 64 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be a short list of finite numbers (one per latent channel, ALGORITHM.md §6.1); "
-                         "fix the pipeline's model_index.json.")
-    return values
-
-
 class EDMFamilyPipeline(DenoiserView, PipelineConventionsMixin, DiffusionPipeline):
     """Shared machinery of the pipelines over an EDM/EDM2 `Denoiser` with an optional `vae`.
 
@@ -137,8 +101,8 @@ class EDMFamilyPipeline(DenoiserView, PipelineConventionsMixin, DiffusionPipelin
         denoiser, unet, scheduler = split_components(unet, scheduler)
         if (latent_scale is None) != (latent_bias is None):
             raise ValueError("latent_scale and latent_bias go together (ALGORITHM.md §6.1); pass both or neither.")
-        id2label = _check_id2label(id2label)
-        latent_scale, latent_bias = (_check_floats(name, v) for name, v in (("latent_scale", latent_scale),
+        id2label = check_id2label(id2label)
+        latent_scale, latent_bias = (check_floats(name, v) for name, v in (("latent_scale", latent_scale),
                                                                             ("latent_bias", latent_bias)))
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
         self.register_to_config(id2label=id2label, latent_scale=latent_scale, latent_bias=latent_bias)
@@ -348,16 +312,18 @@ class EDMFamilyPipeline(DenoiserView, PipelineConventionsMixin, DiffusionPipelin
 
 
 class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
-    r"""One-step generation with a generator distilled by SiD, SiDA or SiD²A.
+    r"""One-step (or few-step) generation with a generator distilled by SiD, SiDA or SiD²A.
 
-    Components: `unet`, the one-step generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
+    Components: `unet`, the generator (a `sida_diffusers.networks.Denoiser`, e.g. `EDMPrecond` or
     `EDM2Precond`), and for EDM2 latent models a `vae` (`AutoencoderKL`, the SD VAE in EDM2's [0, 1] convention).
     A generator distilled from a Diffusers UNet2DModel teacher is stored as that: `unet` is a plain `UNet2DModel`
     and `scheduler` carries its noise schedule (ALGORITHM.md §12); `pipe.denoiser` is the generator either way.
     Config: `init_sigma` (`INIT_SIGMA` = 2.5), `id2label` (class index -> name, comma-separated synonyms allowed),
     `latent_scale`/`latent_bias` (per-channel EDM2 latent normalisation, `EDM2_LATENT_SCALE`/`EDM2_LATENT_BIAS`;
-    None for pixel models). Saved folders also load with `DiffusionPipeline.from_pretrained(folder,
-    trust_remote_code=True)` where this package is not installed, and keep their model card (`PublishingMixin`).
+    None for pixel models), `step_sigmas` and `renoise` (the trained step grid, ALGORITHM.md §11; `[init_sigma]` for a
+    one-step generator and for folders saved without one). Saved folders also load with
+    `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` where this package is not installed, and keep
+    their model card (`PublishingMixin`).
 
     ```py
     pipe = SiDAPipeline.from_pretrained("user/sida-cifar10-uncond", dtype=torch.float32).to("cuda")
@@ -374,6 +340,8 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         id2label: Optional[dict] = None,    # class index -> name(s)
         latent_scale: Optional[list] = None,  # EDM2: per-channel latent scale (§6.1); None for pixel models
         latent_bias: Optional[list] = None,   # EDM2: per-channel latent bias (§6.1)
+        step_sigmas: Optional[list] = None,   # the trained step grid, highest first (§11.1); None: [init_sigma]
+        renoise: str = "fresh",               # noise between steps: "fresh" draws, or "fixed" = the first draw (§11.3)
     ):
         super().__init__()
         try:
@@ -383,8 +351,14 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         if not valid:
             raise ValueError(f"init_sigma must be positive and finite (the official value is {INIT_SIGMA}), got "
                              f"{str(init_sigma)[:40]} (in model_index.json when the pipeline was loaded).")
+        step_sigmas = check_grid(step_sigmas, renoise, init_sigma)
         self._register_common(unet, vae, id2label, latent_scale, latent_bias, scheduler)
-        self.register_to_config(init_sigma=float(init_sigma))
+        self.register_to_config(init_sigma=float(init_sigma), step_sigmas=step_sigmas, renoise=renoise)
+
+    @property
+    def num_steps(self) -> int:
+        """K, the number of steps the generator was trained for (1 for a one-step generator)."""
+        return len(self.config.step_sigmas or [self.config.init_sigma])
 
     @torch.no_grad()
     def __call__(
@@ -393,10 +367,11 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
         class_labels: LabelsLike = None,
         generator: GeneratorLike = None,
         latents: Optional[torch.Tensor] = None,
-        num_inference_steps: int = 1,
+        num_inference_steps: Optional[int] = None,
         output_type: str = "pil",
         return_dict: bool = True,
         label_pool: Optional[Sequence[int]] = None,
+        sigmas: Optional[Sequence[float]] = None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ):
@@ -411,36 +386,43 @@ class SiDAPipeline(PublishingMixin, EDMFamilyPipeline):
                 i then depends only on generator i, whatever the batch composition).
             latents: unit Gaussian noise `[N, C, H, W]` to use instead of drawing it; the generator sees
                 `init_sigma * latents`.
-            num_inference_steps: 1 is the one-step generator. K > 1 re-noises with sigma_k = init_sigma (K-k)/K and
-                re-applies the generator (ALGORITHM.md §2 multistep option).
+            num_inference_steps: k network evaluations per image, along the first k levels of the trained grid
+                `step_sigmas` (ALGORITHM.md §11.4); default: all K the generator was trained for (1 for a one-step
+                generator). More than K is refused: pass `sigmas` for an untrained schedule.
             output_type: "pil", "np" (float32 `[N, H, W, C]` in [0, 1], Diffusers' convention: the exact EDM uint8
                 image / 255, so `np_to_uint8(images)` gives its bytes), "pt" (float `[N, C, H, W]` in [0, 1], not
                 quantised) or "latent" (the generator's output before decoding: EDM2's normalised latents).
             return_dict: return an `ImagePipelineOutput` rather than a tuple.
             label_pool: with `class_labels=None`, draw each image's label from these class labels (e.g. the training
                 set's, as the paper's evaluation does) instead of uniformly over the classes.
+            sigmas: an explicit, strictly decreasing schedule of noise levels to run instead of the trained grid (as
+                Diffusers' `sigmas` argument); a warning says so when it is not what the generator was trained on.
             callback_on_step_end: called as `callback(pipe, step, sigma, callback_kwargs)` after each generator
                 evaluation (Diffusers' convention); `callback_kwargs` holds `callback_on_step_end_tensor_inputs`
                 ("latents": the sample so far), and a "latents" entry of the returned dict replaces it.
         """
+        # 1. Check inputs; the noise levels to run: a prefix of the trained grid, or the caller's `sigmas` (§11.4)
         generator = self.check_common_inputs(batch_size, output_type, generator)
         callback, tensor_inputs = self.check_callback(callback_on_step_end, callback_on_step_end_tensor_inputs)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}.")
+        sigmas = inference_sigmas(self.config.step_sigmas or [self.config.init_sigma], num_inference_steps, sigmas)
+        # 2. Noise, then (per image, from the same generator) the labels
         device = self._execution_device
         eps = self.prepare_noise(batch_size, generator, latents, device)
         labels = self.prepare_class_labels(class_labels, batch_size, generator, device, label_pool)
+        # 3. The generator along the grid; fresh noise between steps comes from the same generators, after the labels
+        bar = self.progress_bar(total=len(sigmas)) if len(sigmas) > 1 else None
 
-        init_sigma = self.config.init_sigma
-        x = self.run_generator(init_sigma * eps, init_sigma, labels)
-        x = self.step_end(callback, tensor_inputs, 0, init_sigma, x)
-        steps = range(1, num_inference_steps)
-        for k in self.progress_bar(steps) if num_inference_steps > 1 else steps:
-            sigma_k = init_sigma * (num_inference_steps - k) / num_inference_steps
-            noise = randn_tensor(x.shape, generator=generator, device=device, dtype=torch.float32)
-            x = self.run_generator(x + sigma_k * noise, sigma_k, labels)
-            x = self.step_end(callback, tensor_inputs, k, sigma_k, x)
+        def on_step(k, sigma, x):  # the progress bar of a multistep call, and Diffusers' callback_on_step_end
+            if bar is not None:
+                bar.update()
+            return self.step_end(callback, tensor_inputs, k, sigma, x)
 
+        draw = lambda: randn_tensor(eps.shape, generator=generator, device=device, dtype=torch.float32)
+        x = few_step_generate(lambda x, sigma: self.run_generator(x, sigma, labels), eps, sigmas,
+                              self.config.renoise or "fresh", draw, on_step=on_step)
+        if bar is not None:
+            bar.close()
+        # 4. Decode (EDM2 latents: once, after the last step) and convert
         images = self.postprocess(x, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

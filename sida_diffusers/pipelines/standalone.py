@@ -47,6 +47,7 @@ STANDALONE_SOURCES = (
     "sida_diffusers.pipelines.conventions",
     "sida_diffusers.pipelines.publishing",
     "sida_diffusers.pipelines.components",
+    "sida_diffusers.pipelines.few_step",
     "sida_diffusers.pipelines.pipeline_sida",
 )
 # Package names the inlined code imports but the standalone module does without, with what stands in for them (text,

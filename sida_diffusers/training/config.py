@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from sida_diffusers.schedule import INIT_SIGMA
+from sida_diffusers.schedule import INIT_SIGMA, RENOISE_MODES, STEP_SIGMA_MIN
 
 
 PRESETS_FILE = Path(__file__).resolve().parent / "presets.json"
 METHODS = ("sid", "sida", "sid2a")
 LR_SCHEDULERS = ("constant", "linear", "cosine")
+STEP_SAMPLINGS = ("uniform", "all")
 DEFAULT_PRESET = "digits"
 SECRET_FIELDS = ("hub_token",)
 
@@ -58,6 +59,21 @@ class TrainConfig:
     alpha: float = _f(1.0, "SiD alpha (§4.3)")
     tmax: float = _f(800, "generator losses use t ~ U(0, tmax/1000) on the Karras schedule (§4.3)")
     init_sigma: float = _f(INIT_SIGMA, "noise level of the one-step generator's input (§2)")
+    # few-step generators (ALGORITHM.md §11)
+    num_steps: int = _f(1, "K: train the generator to be applied K times along --step_sigmas (1 = the one-step "
+                           "generator); the pipeline then samples with any 1..K steps (§11)")
+    step_sampling: str = _f("uniform", "K > 1: uniform = each iteration trains the k-th output, k drawn uniformly from "
+                                       "1..K (the same k on every process; earlier steps without gradient); all = "
+                                       "always K steps with gradient through all of them (the official multistep "
+                                       "loop) (§11.2)", choices=STEP_SAMPLINGS)
+    step_sigmas: str = _f("linear", "the K noise levels of the steps: linear (init_sigma (K-k)/K, the official grid), "
+                                    "karras (init_sigma down to --step_sigma_min, Karras rho=7 spacing) or explicit "
+                                    "comma-separated levels starting at init_sigma, e.g. 2.5,1.0,0.3 (§11.1)")
+    step_sigma_min: float = _f(STEP_SIGMA_MIN, "the last noise level of the karras step grid (§11.1)")
+    renoise: str = _f("fresh", "noise added between steps: fresh draws, or fixed = the first step's noise again "
+                               "(§11.3)", choices=RENOISE_MODES)
+    best_steps: Optional[int] = _f(None, "K > 1: best_pipeline/ is the best generator sampled with this many steps "
+                                         "(default K; evaluation always scores 1 and K steps)")
     P_mean: float = _f(-1.2, "lognormal sigma of the fake-score / D losses: mean of log sigma (§4.1)")
     P_std: float = _f(1.2, "lognormal sigma of the fake-score / D losses: std of log sigma (§4.1)")
     # The paper's names of the four fixed loss multipliers (ls, lsd, lsg, lsg_gan) are their command-line flags.
@@ -108,6 +124,17 @@ class TrainConfig:
     compile_backend: str = _f("inductor", "torch.compile backend: inductor (fused kernels, the fast one); aot_eager "
                                           "or eager only to debug graph capture, or on machines without a compiler")
     cpu: bool = _f(False, "run on CPU even if a GPU is present")
+    # memory (ALGORITHM.md §13)
+    fsdp: bool = _f(False, "shard the generator, fake score, teacher and EMA over the processes with torch's FSDP2 "
+                           "instead of replicating them (DDP): per-process weights, gradients and Adam states "
+                           "shrink about N-fold; same losses, checkpoints and exported pipeline as DDP. `accelerate "
+                           "launch --use_fsdp` turns it on")
+    gradient_checkpointing: bool = _f(False, "recompute each UNet block in backward instead of keeping its "
+                                             "activations (generator, fake score and teacher): far less activation "
+                                             "memory per image for about one more forward pass; same gradients")
+    gpu_memory_gb: Optional[float] = _f(None, "memory per process (GB) the run must fit in (default: the GPU's "
+                                              "own); the run stops before step 1 when the memory plan clearly "
+                                              "exceeds it. `--plan` prints the plan and the largest batch that fits")
     num_threads: Optional[int] = _f(None, "torch intra-op threads per process (default: torch's choice). The digits "
                                           "preset uses 1: its tiny networks gain nothing from a second thread, and the "
                                           "second core then computes the teacher's baseline during the training")
@@ -153,7 +180,7 @@ class TrainConfig:
 
 
     def __post_init__(self):
-        for name in ("method", "mixed_precision", "lr_scheduler"):
+        for name in ("method", "mixed_precision", "lr_scheduler", "step_sampling", "renoise"):
             choices = TrainConfig.__dataclass_fields__[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
@@ -163,6 +190,8 @@ class TrainConfig:
             raise ValueError(f"teacher_num_inference_steps must be >= 1, got {self.teacher_num_inference_steps}.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {self.num_threads}.")
+        if self.gpu_memory_gb is not None and not self.gpu_memory_gb > 0:
+            raise ValueError(f"gpu_memory_gb must be a positive number of GB, got {self.gpu_memory_gb}.")
 
 
 def load_presets() -> dict:
@@ -210,10 +239,9 @@ DIFFUSERS_FLAGS = {
                               "nothing to set",
     "use_ema": "the generator's EMA is always kept; set its half-life with --ema_halflife_kimg",
     "adam_beta1": "the fake score uses beta1 = 0 (ALGORITHM.md §5.5); the generator's is --g_beta1",
-    "gradient_checkpointing": "not supported: lower --train_batch_size and raise --total_batch_size instead (the "
-                              "micro-batch is part of SiDA's objective, see --help of --train_batch_size)",
 }
 ACCELERATE_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+ACCELERATE_FSDP_ENV = "ACCELERATE_USE_FSDP"
 
 
 def field_names() -> dict:
@@ -241,11 +269,40 @@ def resolve_mixed_precision(explicit: Optional[str], fallback: str, accelerate_v
     return explicit or accelerate_value or fallback
 
 
+def _env_true(env, name: str) -> bool:
+    return env.get(name, "false").strip().lower() in ("1", "true", "yes")
+
+
+def resolve_fsdp(explicit_fsdp: Optional[bool], explicit_checkpointing: Optional[bool], env) -> dict:
+    """`accelerate launch --use_fsdp` (or `distributed_type: FSDP` in `accelerate config`) mapped onto `--fsdp`, and
+    its `fsdp_activation_checkpointing` onto `--gradient_checkpointing`; options the trainer does not implement are
+    refused. The trainer shards with FSDP2 itself (ALGORITHM.md §13.1): Accelerate's plugin does not shard on CPU."""
+    if not _env_true(env, ACCELERATE_FSDP_ENV):
+        return {}
+    if explicit_fsdp is False:
+        raise ValueError("--no-fsdp disagrees with `accelerate launch --use_fsdp` (or distributed_type: FSDP in "
+                         "`accelerate config`); drop one of them.")
+    if _env_true(env, "FSDP_OFFLOAD_PARAMS"):
+        raise ValueError("Accelerate's fsdp_offload_params is not supported: the trainer keeps the shards on the GPU; "
+                         "launch without it (`--plan` shows what fits).")
+    strategy = env.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").strip().upper()
+    if strategy not in ("FULL_SHARD", "1"):
+        raise ValueError(f"Accelerate's fsdp_sharding_strategy {strategy} is not supported: --fsdp shards fully "
+                         "(FULL_SHARD); launch with that strategy, or without --use_fsdp for DDP.")
+    values = {"fsdp": True}
+    if _env_true(env, "FSDP_ACTIVATION_CHECKPOINTING"):
+        if explicit_checkpointing is False:
+            raise ValueError("--no-gradient_checkpointing disagrees with Accelerate's fsdp_activation_checkpointing; "
+                             "drop one of them.")
+        values["gradient_checkpointing"] = True
+    return values
+
+
 def make_config(preset: Optional[str] = None, **overrides) -> TrainConfig:
     """A `TrainConfig` from a preset plus explicit values (the programmatic twin of `parse_args`).
 
     Without a preset and without a teacher, the offline `digits` preset is used. Keys may be field names or the
-    paper's flags (`lsg`, `lsd`, ...). The precision follows `resolve_mixed_precision`.
+    paper's flags (`lsg`, `lsd`, ...). The precision follows `resolve_mixed_precision`, sharding `resolve_fsdp`.
     """
     names = field_names()
     refused = sorted(set(overrides) & set(DIFFUSERS_FLAGS))
@@ -267,6 +324,7 @@ def make_config(preset: Optional[str] = None, **overrides) -> TrainConfig:
     values["mixed_precision"] = resolve_mixed_precision(explicit_precision,
                                                         values.get("mixed_precision", TrainConfig.mixed_precision),
                                                         os.environ.get(ACCELERATE_PRECISION_ENV))
+    values.update(resolve_fsdp(overrides.get("fsdp"), overrides.get("gradient_checkpointing"), os.environ))
     return TrainConfig(**{**values, "preset": preset})
 
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from sida_diffusers.training.sharding import local
+
 
 class HalfLifeEMA:
     """Keeps `ema_model` an exponential moving average of `model`'s parameters (buffers keep their initial values).
@@ -29,10 +31,11 @@ class HalfLifeEMA:
 
     @torch.no_grad()
     def update(self, cur_nimg: int, batch_size: int) -> float:
-        """p_ema <- p_ema + (1 - beta)(p - p_ema) for every parameter; returns beta."""
+        """p_ema <- p_ema + (1 - beta)(p - p_ema) for every parameter; returns beta. Under `--fsdp` the EMA is sharded
+        like the generator, so each process updates its own shards, without communication (ALGORITHM.md §13.2)."""
         beta = self.beta(cur_nimg, batch_size)
-        ema = list(self.ema_model.parameters())
-        src = [p.detach() for p in self.model.parameters()]
+        ema = [local(p) for p in self.ema_model.parameters()]
+        src = [local(p.detach()) for p in self.model.parameters()]
         torch._foreach_lerp_(ema, src, 1 - beta)
         self.num_updates += 1
         return beta

@@ -6,6 +6,7 @@ Accelerate sees, so that two processes never run as two independent trainings wr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import random
@@ -16,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, broadcast_object_list
 
-from sida_diffusers.training.config import TrainConfig
+from sida_diffusers.training.config import ACCELERATE_FSDP_ENV, TrainConfig
 
 
 def launcher_world_size() -> int:
@@ -27,17 +28,60 @@ def launcher_world_size() -> int:
         return 1
 
 
+def requested_processes(parent_args: Optional[list] = None) -> int:
+    """The process count `accelerate launch` was asked for when it is this process's parent (1 otherwise; `parent_args`:
+    its command line, read from /proc by default): its simple launcher, which `--cpu`, and a CPU machine without
+    `--multi_gpu`, use, starts the script once whatever that count."""
+    args = parent_args
+    if args is None:
+        try:
+            args = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            return 1
+    accelerate = ("launch" in args and any(Path(a).name == "accelerate" for a in args[:2])
+                  or "accelerate.commands.launch" in args[:3])  # `accelerate launch` or `python -m` its module
+    if not accelerate:
+        return 1
+    count = 1
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name.replace("-", "_") in ("__num_processes", "__num_machines"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "1")
+            count = max(count, int(value) if value.isdigit() else 1)
+    return count
+
+
+@contextlib.contextmanager
+def _without_accelerate_fsdp():
+    """Accelerate's FSDP plugin off while the Accelerator is built: `--fsdp` shards with FSDP2 itself (the plugin would
+    wrap the models, and refuses CPUs); `config.resolve_fsdp` already read the launch's FSDP options."""
+    value = os.environ.pop(ACCELERATE_FSDP_ENV, None)
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ[ACCELERATE_FSDP_ENV] = value
+
+
 def make_accelerator(cfg: TrainConfig) -> Accelerator:
     """The run's Accelerator; several launched processes on a machine without a GPU use the CPU process group (gloo),
     as `--cpu` does. Raises before anything is written if Accelerate still sees another number of processes."""
     output_dir = Path(cfg.output_dir)
     world = launcher_world_size()
+    asked = requested_processes()
+    if world == 1 and asked > 1:
+        raise ValueError(f"`accelerate launch` was asked for {asked} processes but started one (its simple launcher, "
+                         "which --cpu and machines without a GPU use); launch `accelerate launch --multi_gpu "
+                         f"--num_processes {asked} ...` (CPU machines too: they join one gloo run) or `torchrun "
+                         f"--nproc_per_node {asked} examples/train_sida.py`.")
     cpu = cfg.cpu or (world > 1 and not torch.cuda.is_available())
-    accelerator = Accelerator(
-        cpu=cpu, mixed_precision="no",  # precision is handled by the networks themselves (ALGORITHM.md §1.4)
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / cfg.logging_dir)),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)])
+    with _without_accelerate_fsdp():
+        accelerator = Accelerator(
+            cpu=cpu, mixed_precision="no",  # precision is handled by the networks themselves (ALGORITHM.md §1.4)
+            log_with=None if cfg.report_to == "none" else cfg.report_to,
+            project_config=ProjectConfiguration(project_dir=str(output_dir),
+                                                logging_dir=str(output_dir / cfg.logging_dir)),
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False, broadcast_buffers=False)])
     if accelerator.num_processes != world:
         raise ValueError(f"the launcher started {world} processes but Accelerate runs {accelerator.num_processes}; "
                          "they would train independently into one output folder. Launch CPU runs with `torchrun "

@@ -1,5 +1,6 @@
-"""The networks of a run: loading the teacher (and SiD²A's generator), deriving the trainable fake score and generator
-from them, their optimizers, and their compilation.
+"""The networks of a run: loading the teacher (and SiD²A's generator), the trainable fake score and generator derived
+from them (`students`), their placement (device, memory format, activation checkpointing, DDP or FSDP), optimizers, gradient
+clean-up (ALGORITHM.md §5.4) and compilation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import torch
 
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.training.config import TrainConfig
+from sida_diffusers.training.ema import HalfLifeEMA
+from sida_diffusers.training.memory_plan import check_fits
+from sida_diffusers.training.students import student_networks
 
 
 def load_network(source: str) -> Denoiser:
@@ -22,37 +26,28 @@ def load_network(source: str) -> Denoiser:
     return load_denoiser(source, dtype=torch.float32)
 
 
-def derive_network(source: Denoiser, dropout: Optional[float] = None, logvar: Optional[bool] = None) -> Denoiser:
-    """A trainable copy of `source` (ALGORITHM.md §2): same class, config and weights, optionally with another dropout
-    and, for EDM2, with or without the logvar head (missing head weights keep their initialisation)."""
-    own_config = {k: v for k, v in source.config.items() if not k.startswith("_")}
-    config = dict(own_config)
-    if dropout is not None:
-        if "model_kwargs" in config:  # EDM family: the UNet keywords hold the dropout
-            config["model_kwargs"] = {**(config["model_kwargs"] or {}), "dropout": dropout}
-        elif "unet_config" in config:  # a Diffusers UNet2DModel (ALGORITHM.md §12)
-            config["unet_config"] = {**config["unet_config"], "dropout": dropout}
-        else:
-            config["dropout"] = dropout
-    if logvar is not None and "logvar_channels" in config:
-        config["logvar_channels"] = (config["logvar_channels"] or 128) if logvar else 0
-    if config == own_config:
-        return copy.deepcopy(source).train().requires_grad_(True)
-    net = type(source).from_config(config)
-    own = net.state_dict()
-    net.load_state_dict({k: v for k, v in source.state_dict().items() if k in own}, strict=False)
-    return net.train().requires_grad_(True)
-
-
-def student_networks(cfg: TrainConfig, teacher: Denoiser, init: Optional[Denoiser]) -> tuple[Denoiser, Denoiser]:
-    """``(fake_score, generator)``: the fake score always starts from the teacher, the generator from the teacher or
-    SiD²A's SiD generator (ALGORITHM.md §2, §10 item 14); EDM2 generators have no logvar head (§1.3)."""
-    is_edm2 = teacher.family == "edm2"
-    fake = derive_network(teacher, cfg.dropout, logvar=cfg.use_logvar if is_edm2 else None)
-    gen = derive_network(init if init is not None else teacher, cfg.dropout, logvar=False if is_edm2 else None)
-    for net in (fake, gen, teacher):
-        net.register_to_config(use_fp16=cfg.mixed_precision == "fp16")
-    return fake, gen
+def setup_networks(cfg: TrainConfig, layout, teacher: Denoiser, init: Optional[Denoiser], device: torch.device):
+    """The trained networks of a run on `device`: ``(fake_score, generator, generator_ema, ema, opt_fake, opt_gen)``,
+    the first two as the loop calls them (DDP-wrapped or sharded by `layout`, a `sharding.NetworkLayout`), the EMA
+    model a frozen copy of the generator laid out like it and `ema` its `HalfLifeEMA` (ALGORITHM.md §13.1, §13.2). The
+    teacher is moved to `device` after the memory plan says the launch fits (`memory_plan.check_fits`)."""
+    check_fits(cfg, teacher, device, layout.accelerator.num_processes)  # before anything is on the device
+    fake, gen = student_networks(cfg, teacher.to(device), init)
+    ema = copy.deepcopy(gen).eval().requires_grad_(False).to(device)
+    fake, gen = fake.to(device), gen.to(device)
+    if cfg.channels_last:
+        for net in (fake, gen, teacher, ema):
+            net.to(memory_format=torch.channels_last)
+    if cfg.gradient_checkpointing:  # the teacher too: the generator's gradient flows through it (§13.4)
+        for net in (fake, gen, teacher):
+            net.enable_gradient_checkpointing()
+    layout.shard((fake, gen, teacher, ema), device)
+    opt_fake, opt_gen = make_optimizers(cfg, fake, gen, device)
+    if cfg.compile:
+        compile_networks((fake, gen, teacher), cfg.compile_backend)
+    ema_update = HalfLifeEMA(gen, ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+    fake, gen = layout.prepare(fake, gen)
+    return fake, gen, ema, ema_update, opt_fake, opt_gen
 
 
 def make_optimizers(cfg: TrainConfig, fake: Denoiser, gen: Denoiser, device: torch.device):
@@ -95,3 +90,22 @@ def compile_networks(networks, backend: str) -> None:
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     for net in networks:
         net.compile(backend=backend)
+
+
+def sanitize_grads(grads: list, clip: Optional[float]) -> None:
+    """nan_to_num on every gradient (under --fsdp: every local shard), then optional value clipping (ALGORITHM.md
+    §5.4, §13.1)."""
+    for g in grads:
+        torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
+    if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
+        torch._foreach_clamp_min_(grads, -clip)
+        torch._foreach_clamp_max_(grads, clip)
+
+
+def augment_pipe(probability: float):
+    """EDM's geometric augmentation of the real images (ALGORITHM.md §5.7), or None when `probability` is 0."""
+    if probability <= 0:
+        return None
+    from sida_diffusers.training.augment import AugmentPipe
+
+    return AugmentPipe(probability)

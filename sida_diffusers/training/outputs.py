@@ -17,6 +17,7 @@ from sida_diffusers.evaluation import plot_curves
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.pipelines import SiDAPipeline, sample_grid
 from sida_diffusers.run_record import RunRecord
+from sida_diffusers.training import few_step
 from sida_diffusers.training.config import TrainConfig
 
 
@@ -39,11 +40,12 @@ def latent_config(teacher: Denoiser) -> tuple:
 
 
 def sampling_pipeline(generator_ema: Denoiser, teacher: Denoiser, init_sigma: float, vae=None,
-                      id2label: Optional[dict] = None):
-    """The `SiDAPipeline` of the EMA generator (progress bar off): every figure and export of the run uses it."""
+                      id2label: Optional[dict] = None, step_sigmas: Optional[list] = None, renoise: str = "fresh"):
+    """The `SiDAPipeline` of the EMA generator (progress bar off): every figure and export of the run uses it. It
+    carries the run's step grid (ALGORITHM.md §11), so a call without `num_inference_steps` runs all K steps."""
     scale, bias = latent_config(teacher)
     pipe = SiDAPipeline(unet=generator_ema, vae=vae, init_sigma=init_sigma, id2label=id2label, latent_scale=scale,
-                        latent_bias=bias)
+                        latent_bias=bias, step_sigmas=step_sigmas, renoise=renoise)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -110,16 +112,21 @@ def make_evaluation(cfg: TrainConfig, dataset, image_shape: tuple, device, is_ma
             reference = data_reference(MetricSuite(cfg.eval_metrics, **options), dataset, cfg.train_data)
         suite = MetricSuite(cfg.eval_metrics, reference, num_samples=cfg.eval_num_samples, **options)
         suite.validate()
+    from sida_diffusers.evaluation import step_result_key
     first = cfg.eval_metrics[0]
-    return suite, BestTracker(result_keys(first, cfg.eval_num_samples)[0], "max" if first == "is" else "min")
+    tracked = step_result_key(result_keys(first, cfg.eval_num_samples)[0], few_step.best_steps(cfg))  # §11: k = K by default
+    return suite, BestTracker(tracked, "max" if first == "is" else "min")
 
 
-def evaluate(suite, pipe, label_pool) -> dict:
-    """The suite's metrics of `pipe` on seeds 0..N-1, labels drawn per seed from `label_pool` (§9.1): exactly what
-    ``sida-eval PIPELINE --num-samples N --repeats 1`` computes for the exported pipeline."""
-    from sida_diffusers.evaluation import pipeline_sample_fn
+def evaluate(suite, pipe, label_pool, steps=(1,)) -> dict:
+    """The suite's metrics of `pipe` on seeds 0..N-1, labels drawn per seed from `label_pool` (§9.1), sampled with each
+    of `steps` (ALGORITHM.md §11; names from `evaluation.step_result_key`: `fd_digits_1797` for one step,
+    `fd_digits_1797@4steps` for four): exactly what ``sida-eval PIPELINE --num-samples N --repeats 1 [--steps k]``
+    computes for the exported pipeline."""
+    from sida_diffusers.evaluation import pipeline_sample_fn, step_result_key
 
-    return suite.evaluate(pipeline_sample_fn(pipe, 0, label_pool))
+    return {step_result_key(key, k): value for k in steps
+            for key, value in suite.evaluate(pipeline_sample_fn(pipe, 0, label_pool, num_inference_steps=k)).items()}
 
 
 def log_record(accelerator, path: Path, record: dict, cur_nimg: int) -> None:
@@ -160,8 +167,7 @@ def run_record(cfg: TrainConfig, teacher: Denoiser, dataset, cur_nimg: int, tota
         vae=cfg.vae if latent else None, metrics=dict(metrics or {}),
         teacher_metrics=dict(teacher_metrics) if teacher_metrics else None,
         teacher_nfe=teacher_nfe if teacher_metrics else None,
-        sampling={"init_sigma": cfg.init_sigma, "num_steps": 1, "num_samples": cfg.eval_num_samples},
-        grid_size=cfg.sample_grid_size ** 2 or None)
+        grid_size=cfg.sample_grid_size ** 2 or None, **few_step.record_fields(cfg))
 
 
 def plot_loss_curves(output_dir: Path) -> Optional[Path]:

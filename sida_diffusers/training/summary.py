@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from sida_diffusers.digits import FD_DIGITS
-from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_curves
+from sida_diffusers.evaluation import parse_result_key, pipeline_sample_fn, plot_curves, step_result_key
 from sida_diffusers.pipelines import EDMHeunPipeline
 from sida_diffusers.pipelines.edm_sampler import HEUN_PRESETS, heun_nfe
 from sida_diffusers.run_record import RunRecord
@@ -43,6 +43,11 @@ def _is_fd_digits(key) -> bool:
 def fd_digits_key(metrics: dict) -> Optional[str]:
     """The FD-digits result name among `metrics` (e.g. ``fd_digits_1797``), None when FD-digits was not evaluated."""
     return next((k for k in metrics if _is_fd_digits(k)), None)
+
+
+def evaluates_teacher(metrics) -> bool:
+    """Whether a run evaluating `metrics` also evaluates its teacher (`teacher_baseline`: FD-digits runs)."""
+    return FD_DIGITS in metrics
 
 
 def teacher_pipeline(teacher) -> EDMHeunPipeline:
@@ -101,7 +106,7 @@ def teacher_baseline(output_dir: Path, teacher_name: str, suite, teacher, label_
     """The suite's metrics of the teacher with each of `samplers` (default: Heun, 35 NFE) on the student's evaluation
     seeds and labels: one summary entry per sampler (its cache key, label, steps, NFE and metrics), or None when the
     run evaluated no FD-digits. An entry of `output_dir/summary.json` for the same evaluation is reused."""
-    if suite is None or FD_DIGITS not in suite.metrics:
+    if suite is None or not evaluates_teacher(suite.metrics):
         return None
     path = Path(output_dir) / SUMMARY_FILE
     cached = []
@@ -137,13 +142,18 @@ def write_run_summary(output_dir: Path, record: RunRecord, best: Optional[dict],
                       teacher_evals: Optional[list] = None) -> dict:
     """Write ``summary.json`` (and the metric curve with the teacher's Heun line) into `output_dir` from the run's final
     record (the student's metrics, the teacher's Heun baseline) and `teacher_baseline`'s entries of every teacher
-    sampler (Heun first), print where everything is, and return the summary."""
+    sampler (Heun first), print where everything is, and return the summary. A few-step generator (record.num_steps
+    K > 1) is reported with 1 and with K steps (its metrics hold both, named by `evaluation.step_result_key`)."""
     out = Path(output_dir)
     student_metrics, teacher_metrics = record.metrics, record.teacher_metrics
     key = fd_digits_key(student_metrics)
+    num_steps = record.num_steps or 1
+    steps = sorted({1, num_steps})
+    by_steps = {k: student_metrics.get(step_result_key(key, k)) for k in steps} if key else {}
     curve = None
     if key is not None and (out / "metrics.jsonl").is_file():
-        baseline = {key: (teacher_metrics[key], f"teacher (Heun, {TEACHER_NFE} NFE)")} if teacher_metrics else None
+        label = f"teacher (Heun, {TEACHER_NFE} NFE)"
+        baseline = {step_result_key(key, k): (teacher_metrics[key], label) for k in steps} if teacher_metrics else None
         curve = plot_curves(out / "metrics.jsonl", out / "metric_curve.png", baselines=baseline)
     pipeline = out / "pipeline"
     grid = pipeline / "samples_grid.png"
@@ -154,13 +164,14 @@ def write_run_summary(output_dir: Path, record: RunRecord, best: Optional[dict],
         if (out / "metrics.jsonl").is_file() else None, "loss_curves": str(out / "loss_curves.png"),
         "method": record.method, "alpha": record.alpha, "teacher": record.teacher, "kimg": record.kimg,
         "metric": METRIC_LABEL if key else None, "metric_key": key,
-        "student": {"num_steps": 1, "metrics": dict(student_metrics)},
+        "student": {"num_steps": num_steps, "metrics": dict(student_metrics)},
         "best": best,
         "teacher_eval": teacher_evals[0] if teacher_evals else None if teacher_metrics is None else {
             **teacher_cache_key(record.teacher, record.num_samples), "num_steps": HEUN_PRESETS[TEACHER_SAMPLER]["num_steps"],
             "nfe": TEACHER_NFE, "metrics": teacher_metrics},
         "teacher_evals": list(teacher_evals or []),  # every sampler of the baseline (§12.5), Heun first
         "fd_digits_student": student_metrics.get(key) if key else None,
+        "fd_digits_student_by_steps": {str(k): v for k, v in by_steps.items()} if num_steps > 1 else None,
         "fd_digits_teacher": teacher_metrics.get(key) if teacher_metrics and key else None,
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -183,6 +194,10 @@ def format_summary(summary: dict) -> str:
     if summary["fd_digits_student"] is not None:
         n = parse_result_key(summary["metric_key"])[1]
         lines.append(f"FD-digits     student, 1 step:           {summary['fd_digits_student']:.3f}   ({n} samples)")
+        for k, value in (summary.get("fd_digits_student_by_steps") or {}).items():
+            if k != "1" and value is not None:
+                lines.append(f"FD-digits     student, {k} steps:{' ' * (11 - len(k))}{value:.3f}   (same seeds, "
+                             "trained step grid)")
         for t in summary.get("teacher_evals") or ([summary["teacher_eval"]] if summary["teacher_eval"] else []):
             value = t["metrics"].get(summary["metric_key"])
             if value is not None:

@@ -5,14 +5,13 @@ One iteration (`SiDATrainer.step`) = a fake-score/discriminator phase, a generat
 round with DDP gradient sync only on the last one, and divides every loss by the per-process batch B*R (§4.5, §5.3).
 Per-process batch statistics (the pooled BCE of §4.2/§4.4) are never gathered across processes.
 
-Around the loop: input checks (`validation`), the networks (`models`), checkpoints and resume (`checkpointing`), and
-grids, evaluation and export (`outputs`, `summary`).
+Around the loop: input checks (`validation`), the networks (`models`; DDP or FSDP: `sharding`, ALGORITHM.md §13),
+checkpoints and resume (`checkpointing`), and grids, evaluation and export (`outputs`, `summary`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import math
@@ -37,10 +36,9 @@ from sida_diffusers.losses import (
 )
 from sida_diffusers.networks.base import Denoiser
 from sida_diffusers.pretrained import declared_license
-from sida_diffusers.training import checkpointing, launch, models, outputs, summary, validation
+from sida_diffusers.training import checkpointing, few_step, launch, models, outputs, sharding, summary, validation
 from sida_diffusers.training.batches import RealBatches
 from sida_diffusers.training.config import TrainConfig
-from sida_diffusers.training.ema import HalfLifeEMA
 
 
 NETWORKS = ("generator", "generator_ema", "fake_score")
@@ -77,6 +75,7 @@ class SiDATrainer:
         self.cfg = cfg = config
         self.output_dir = Path(cfg.output_dir)
         validation.check_config(cfg, generator_init, dataset)
+        self.step_sigmas = few_step.check_config(cfg)  # the K noise levels of the generator's steps (§11.1)
         self.accelerator = acc = accelerator or launch.make_accelerator(cfg)
         self.cfg = cfg = launch.effective_precision(cfg, acc.device, acc.print)  # fp16 on a CPU trains in fp32
         self.device, self.world_size, self.rank = acc.device, acc.num_processes, acc.process_index
@@ -86,9 +85,8 @@ class SiDATrainer:
         self.seed = launch.run_seed(cfg.seed, self.world_size)
         checkpointing.seed_everything((self.seed * self.world_size + self.rank) % (1 << 31))  # per-rank seed (§5.9)
 
-        self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).to(self.device).eval()
+        self.teacher = (teacher if teacher is not None else models.load_network(cfg.teacher)).eval().requires_grad_(False)
         self.teacher_license = declared_license(cfg.teacher)  # what the model card inherits
-        self.teacher.requires_grad_(False)
         init = generator_init
         if init is None and cfg.generator_init is not None:
             init = models.load_network(cfg.generator_init)
@@ -96,31 +94,21 @@ class SiDATrainer:
         validation.check_networks(cfg, self.teacher, init, self.device)
         validation.check_data(self.dataset, self.teacher)
 
-        fake, gen = models.student_networks(cfg, self.teacher, init)
-        self.generator_ema = copy.deepcopy(gen).eval().requires_grad_(False).to(self.device)
-        fake, gen = fake.to(self.device), gen.to(self.device)
-        if cfg.channels_last:
-            for net in (fake, gen, self.teacher, self.generator_ema):
-                net.to(memory_format=torch.channels_last)
-        self.opt_fake, self.opt_gen = models.make_optimizers(cfg, fake, gen, self.device)
-        if cfg.compile:
-            models.compile_networks((fake, gen, self.teacher), cfg.compile_backend)
-        self.fake_score, self.generator = acc.prepare(fake, gen)
-        self.ema = HalfLifeEMA(gen, self.generator_ema, cfg.ema_halflife_kimg, cfg.ema_rampup_ratio)
+        self.layout = sharding.NetworkLayout(acc, cfg.fsdp)
+        self.fake_score, self.generator, self.generator_ema, self.ema, self.opt_fake, self.opt_gen = \
+            models.setup_networks(cfg, self.layout, self.teacher, init, self.device)
 
-        self.augment_pipe = None
-        if cfg.augment_p > 0:
-            from sida_diffusers.training.augment import AugmentPipe
-
-            self.augment_pipe = AugmentPipe(cfg.augment_p)
+        self.augment_pipe = models.augment_pipe(cfg.augment_p)
         self.batches = RealBatches(self.dataset, cfg.train_batch_size, self.img_shape, self.teacher.label_dim,
                                    self.rank, self.world_size, self.seed, self.device)
         self.suite, self.tracker = outputs.make_evaluation(cfg, self.dataset, self.pixel_shape, self.device,
                                                            acc.is_main_process)
         self.label_pool = outputs.evaluation_label_pool(self.dataset, self.teacher)
-        self._pipeline = None
+        self._pipeline, self._sampling_ema = None, self.generator_ema  # --fsdp: a gathered copy, in maintenance only
         self.push_error: Optional[str] = None  # the one line a failed end-of-run push leaves
         self.cur_nimg = 0
+        self.k_star = cfg.num_steps  # the steps whose output the current iteration trains (§11.2)
+        self.step_tally = few_step.StepTally(cfg.num_steps, self.device)
         self.last_losses: dict[str, torch.Tensor] = {}
         self.last_metrics: dict = {}
         self._resume_rng: Optional[dict] = None
@@ -155,9 +143,20 @@ class SiDATrainer:
         """The `SiDAPipeline` over the EMA generator that samples every grid, evaluation and export of the run."""
         if self._pipeline is None:
             vae = outputs.load_vae(self.cfg.vae, self.device) if self.is_edm2 else None
-            self._pipeline = outputs.sampling_pipeline(self.generator_ema, self.teacher, self.cfg.init_sigma, vae,
-                                                       getattr(self.dataset, "id2label", None))
+            self._pipeline = outputs.sampling_pipeline(self._sampling_ema, self.teacher, self.cfg.init_sigma, vae,
+                                                       getattr(self.dataset, "id2label", None), self.step_sigmas,
+                                                       self.cfg.renoise)
+        self._pipeline.use_denoiser(self._sampling_ema)
         return self._pipeline
+
+    @contextlib.contextmanager
+    def gathered_ema(self, active: bool = True):
+        """Collective: under `--fsdp` an unsharded EMA copy (main process) samples one maintenance step (§13.2)."""
+        with self.layout.gathered(self.generator_ema, self.device, active) as self._sampling_ema:
+            yield
+        self._sampling_ema = None if self.layout.sharded else self.generator_ema  # the copy goes with its last reference
+        if self._pipeline is not None:
+            self._pipeline.use_denoiser(self._sampling_ema)
 
     @property
     def final_nimg(self) -> int:
@@ -172,16 +171,19 @@ class SiDATrainer:
         return torch.zeros([n, self.teacher.augment_dim], device=self.device) if self.teacher.augment_dim else None
 
     def generate(self, net, labels, n: int) -> torch.Tensor:
-        """x_g = G(z; init_sigma, c) with z = init_sigma * eps and zero augment labels (ALGORITHM.md §2)."""
-        z = torch.randn([n, *self.img_shape], device=self.device) * self.cfg.init_sigma
-        return net(z, torch.full([n, 1, 1, 1], self.cfg.init_sigma, device=self.device), labels, self._augment_zeros(n))
+        """x_g: the k*-th output of G along the step grid from z = init_sigma * eps, zero augment labels (ALGORITHM.md
+        §2, §11.1; K = 1: exactly G(z; init_sigma, c)); `uniform` runs the steps before the k*-th without gradient."""
+        eps, zeros = torch.randn([n, *self.img_shape], device=self.device), self._augment_zeros(n)
+        at = lambda x, sigma: net(x, torch.full([n, 1, 1, 1], sigma, device=self.device), labels, zeros)
+        return few_step.few_step_generate(at, eps, self.step_sigmas[:self.k_star], self.cfg.renoise,
+                                          lambda: torch.randn_like(eps), grad_last_only=self.cfg.step_sampling == "uniform")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.mixed_precision == "bf16")
 
     def _sync(self, model, last_round: bool):
-        """DDP gradient all-reduce only on the last accumulation round (§5.3)."""
-        return contextlib.nullcontext() if last_round else self.accelerator.no_sync(model)
+        """DDP gradient all-reduce only on the last accumulation round (§5.3); FSDP reduces every round (§13.1)."""
+        return contextlib.nullcontext() if last_round else self.layout.no_sync(model)
 
     def _augment(self, x: torch.Tensor):
         if self.augment_pipe is None:
@@ -195,7 +197,7 @@ class SiDATrainer:
         requires_grad state in every iteration whatever the stage, so compiled graphs are built in the first
         iteration and never again (a frozen net's graph computes no weight gradients)."""
         trained.train().requires_grad_(True)
-        frozen.eval().requires_grad_(False)
+        frozen.eval().requires_grad_(False).zero_grad(set_to_none=True)  # not kept through the other phase (§13.4)
         if self.cfg.force_normalization:
             trained.normalize_weights_()
         optimizer.zero_grad(set_to_none=True)
@@ -234,7 +236,7 @@ class SiDATrainer:
                     self.last_losses["d_loss"] = (cfg.discriminator_loss_scale * loss_d / self.batch_per_process).detach()
                 self.accelerator.backward(total / self.batch_per_process)
         clip = 1.0 if adversarial and not self.is_edm2 else None  # value clip: EDM SiDA only (§5.4)
-        self._sanitize_grads(fake, clip)
+        models.sanitize_grads(self.layout.gradients(fake), clip)
         self.opt_fake.step()
 
     def generator_phase(self, stage: Stage) -> None:
@@ -265,27 +267,18 @@ class SiDATrainer:
                     loss_adv = sida_adversarial_loss(logits, x_g, denoised_teacher, logvar, keep=keep).sum()
                     self.last_losses["g_gan_loss"] = (cfg.adversarial_loss_scale * loss_adv
                                                       / self.batch_per_process).detach()
-                if not stage.step_generator:
-                    continue  # warm-up: the losses are logged but G is held, so its gradients would be thrown away
+                if not stage.step_generator:  # warm-up: the losses are logged but G is held, so no backward; this
+                    x_g = x_t = denoised_teacher = out = denoised_fake = logits = logvar = loss_sid = loss_adv = None
+                    continue  # round's graph is released before the next round builds its own (§13.4)
                 if stage.adversarial:
                     objective = 0.5 * cfg.sid_loss_scale * loss_sid + 0.5 * cfg.adversarial_loss_scale * loss_adv
                 else:
                     objective = cfg.sid_loss_scale * loss_sid
                 self.accelerator.backward(objective / self.batch_per_process)
         if stage.step_generator:
-            self._sanitize_grads(gen, None)
+            models.sanitize_grads(self.layout.gradients(gen), None)
             self.opt_gen.step()
         self.opt_gen.zero_grad(set_to_none=True)
-
-    @staticmethod
-    def _sanitize_grads(net: torch.nn.Module, clip: Optional[float]) -> None:
-        """nan_to_num on every gradient, then optional value clipping (ALGORITHM.md §5.4)."""
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        for g in grads:
-            torch.nan_to_num_(g, nan=0.0, posinf=1e5, neginf=-1e5)
-        if clip is not None and grads:  # one multi-tensor kernel per bound instead of two kernels per parameter
-            torch._foreach_clamp_min_(grads, -clip)
-            torch._foreach_clamp_max_(grads, clip)
 
     def stage(self, cur_nimg: Optional[int] = None) -> Stage:
         """The `Stage` at `cur_nimg` (before the increment); strict thresholds, counted in images (§5.2)."""
@@ -297,6 +290,8 @@ class SiDATrainer:
     def step(self) -> Stage:
         """One iteration: fake-score/D phase, generator phase, EMA, ``cur_nimg += total_batch_size`` (§5.1)."""
         stage = self.stage()
+        # k* from the run seed and cur_nimg: the same on every process and after a resume; both phases use it (§11.2)
+        self.k_star = few_step.draw_num_steps(self.seed, self.cur_nimg, self.cfg.num_steps, self.cfg.step_sampling)
         models.set_learning_rates(self.cfg, self.opt_fake, self.opt_gen, self.cur_nimg, _nimg(self.cfg.max_train_kimg))
         self.fake_score_phase()
         self.generator_phase(stage)
@@ -320,46 +315,50 @@ class SiDATrainer:
         acc.init_trackers(cfg.tracker_project_name, config={k: v for k, v in cfg.to_dict().items()
                                                             if isinstance(v, (int, float, str, bool))})
         acc.print(f"{cfg.method}: {self.world_size} process(es) x B={cfg.train_batch_size} x R={self.rounds} rounds "
-                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}, to "
-                  f"{cfg.max_train_kimg:g} kimg")
+                  f"= {self.total_batch_size} images per iteration, {PRECISION_NAMES[cfg.mixed_precision]}"
+                  f"{', networks sharded (FSDP)' if self.layout.sharded else ''}, to {cfg.max_train_kimg:g} kimg")
         max_nimg = _nimg(cfg.max_train_kimg)
         bar = tqdm(total=self.final_nimg, initial=self.cur_nimg, unit_scale=1e-3, disable=not acc.is_main_process,
                    bar_format="{l_bar}{bar}| {n:.3f}/{total:g} kimg [{elapsed}<{remaining}]")
         baseline = None
+        wanted = self.tracker is not None and summary.evaluates_teacher(cfg.eval_metrics)  # same on every process
+        teacher = self.layout.full_copy(self.teacher, self.device) if wanted else self.teacher
         if acc.is_main_process:  # the teacher's multi-step figures, meanwhile on the idle core of a CPU run
-            samplers = summary.teacher_samplers(self.teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
-            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, self.teacher,
+            samplers = summary.teacher_samplers(teacher, cfg.teacher_scheduler, cfg.teacher_num_inference_steps)
+            baseline = summary.start_teacher_baseline(self.output_dir, cfg.teacher, self.suite, teacher,
                                                       self.label_pool, background=self.device.type == "cpu"
                                                       and not cfg.compile, samplers=samplers)
         tick = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}
         first = True
         while self.cur_nimg < max_nimg:
             prev = self.cur_nimg
-            stage = self.step()
+            with self.step_tally.iteration(lambda: self.k_star, self.total_batch_size):
+                stage = self.step()
             bar.update(self.total_batch_size)
             done = self.cur_nimg >= max_nimg
             if first or done or self._crossed(prev, cfg.log_every_kimg):  # the first iteration ends tick 0 (§5.10)
                 self._log_tick(tick, stage)
                 tick, first = {"start": time.time(), "nimg": self.cur_nimg, "maintenance": 0.0}, False
             maintenance_start = time.time()
-            if self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg)):
-                self._evaluate_and_track()
-            if done or self._crossed(prev, cfg.checkpointing_kimg):
-                if acc.is_main_process and cfg.sample_grid_size > 0:
-                    grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
-                                                    f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
-                    outputs.log_image(acc, "samples", grid, self.cur_nimg)
-                self.save_checkpoint()
+            with self.gathered_ema(done or self._crossed(prev, cfg.eval_every_kimg, cfg.checkpointing_kimg)):
+                if self.tracker is not None and (done or self._crossed(prev, cfg.eval_every_kimg)):
+                    self._evaluate_and_track()
+                if done or self._crossed(prev, cfg.checkpointing_kimg):
+                    if acc.is_main_process and cfg.sample_grid_size > 0:
+                        grid = outputs.save_sample_grid(self.pipeline, self.output_dir / "samples" /
+                                                        f"fakes_{self.cur_nimg // 1000:06d}.png", cfg.sample_grid_size)
+                        outputs.log_image(acc, "samples", grid, self.cur_nimg)
+                    self.save_checkpoint()
             tick["maintenance"] += time.time() - maintenance_start
         bar.close()
-        pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
+        with self.gathered_ema():
+            pipeline_dir = self._finish(baseline()) if acc.is_main_process else None
         acc.wait_for_everyone()
         acc.end_training()
         return pipeline_dir
 
-    def _crossed(self, prev_nimg: int, every_kimg: float) -> bool:
-        every = _nimg(every_kimg)
-        return every > 0 and self.cur_nimg // every > prev_nimg // every
+    def _crossed(self, prev_nimg: int, *every_kimg: float) -> bool:
+        return any(0 < every and self.cur_nimg // every > prev_nimg // every for every in map(_nimg, every_kimg))
 
     def _log_tick(self, tick: dict, stage: Stage) -> None:
         """Losses and timing of the tick: `sec_per_kimg` counts training only; evaluation, checkpoints and grids are
@@ -370,11 +369,13 @@ class SiDATrainer:
                      maintenance_sec=tick["maintenance"], stage=stage.number,
                      peak_memory_gb=(torch.cuda.max_memory_allocated(self.device) / 2 ** 30
                                      if self.device.type == "cuda" else 0.0))
+        stats.update(self.step_tally.pop())  # K > 1: the k* drawn in the tick, and time (and memory) per k
         outputs.log_record(self.accelerator, self.output_dir / "stats.jsonl", stats, self.cur_nimg)
 
     def _evaluate_and_track(self) -> None:
         if self.accelerator.is_main_process:
-            results = self.last_metrics = outputs.evaluate(self.suite, self.pipeline, self.label_pool)
+            results = self.last_metrics = outputs.evaluate(self.suite, self.pipeline, self.label_pool,
+                                                           few_step.evaluation_steps(self.cfg))
             outputs.log_record(self.accelerator, self.output_dir / "metrics.jsonl",
                                {"kimg": self.cur_nimg / 1000, **results}, self.cur_nimg)
             plot_curves(self.output_dir / "metrics.jsonl", self.output_dir / "metric_curve.png")
@@ -408,16 +409,16 @@ class SiDATrainer:
 
     # ---- checkpoints --------------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically and prune old ones (checkpointing.py)."""
+        """Write `checkpoints/checkpoint-{cur_nimg:09d}` atomically, from full tensors (§13.3), and prune old ones."""
         per_rank = gather_object([{"rng": checkpointing.rng_state(),
                                    "data": self.batches.state_dict()}])
+        networks, optimizers = self.layout.full_states(self._networks(), opt_fake=self.opt_fake, opt_gen=self.opt_gen)
         if self.accelerator.is_main_process:
             state = {"cur_nimg": self.cur_nimg, "seed": self.seed, "num_processes": self.world_size,
-                     "opt_fake": self.opt_fake.state_dict(), "opt_gen": self.opt_gen.state_dict(),
-                     "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
+                     **optimizers, "ema": self.ema.state_dict(), "rng": [s["rng"] for s in per_rank],
                      "data": [s["data"] for s in per_rank], "best": self.tracker.state_dict() if self.tracker else None,
                      "config": self.cfg.to_dict()}
-            checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, self._networks(), state,
+            checkpointing.save_checkpoint(self.output_dir, self.cur_nimg, networks, state,
                                           self.record(self.last_metrics).to_dict(), self.cfg.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return checkpointing.checkpoint_path(self.output_dir, self.cur_nimg)
@@ -434,8 +435,8 @@ class SiDATrainer:
             return
         limits = checkpointing.RunLimits(self.final_nimg, self.total_batch_size,
                                          self.cfg.resume_optimizer_settings_from_checkpoint)
-        state = checkpointing.load_checkpoint(path, self._networks(), {"opt_fake": self.opt_fake,
-                                                                       "opt_gen": self.opt_gen}, self.ema, limits)
+        nets, opts = self.layout.checkpoint_views(self._networks(), opt_fake=self.opt_fake, opt_gen=self.opt_gen)
+        state = checkpointing.load_checkpoint(path, nets, opts, self.ema, limits)  # full tensors in, any layout (§13.3)
         self.cur_nimg, self.seed = state["cur_nimg"], state["seed"]  # range-checked integers
         if state["num_processes"] == self.world_size:  # exact continuation needs the same process layout
             self._resume_rng = state["rng"][self.rank]  # applied when train() starts, after any other setup work

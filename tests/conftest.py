@@ -3,7 +3,10 @@ import gzip
 import hashlib
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -374,3 +377,31 @@ def save_ddpm_folder(path, unet, **scheduler_kwargs):
     scheduler = DDPMScheduler(**scheduler_kwargs)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path, safe_serialization=True)
     return scheduler
+
+
+# ---- two processes over gloo ------------------------------------------------------------------------------------------
+
+# Trains the run its arguments describe, then saves each rank's flattened generator, EMA and fake-score parameters as
+# params_rank{r}.pt in the output folder (so a test can compare the ranks).
+RANK_PARAMETERS_SCRIPT = """
+import sys, torch
+from sida_diffusers.training import SiDATrainer, parse_args
+
+trainer = SiDATrainer(parse_args(sys.argv[1:]))
+trainer.train()
+nets = {name: torch.cat([p.detach().flatten() for p in trainer.unwrap(getattr(trainer, name)).parameters()])
+        for name in ("generator", "generator_ema", "fake_score")}
+torch.save(nets, f"{trainer.output_dir}/params_rank{trainer.accelerator.process_index}.pt")
+"""
+
+
+def torchrun(tmp_path, script: str, *args, processes: int = 2, timeout: int = 600):
+    """Runs `script` (written to tmp_path/script.py) with `args` in `processes` processes of torch.distributed.run, one
+    thread each, and returns the finished process; fails the test with its stderr when it did not succeed."""
+    (tmp_path / "script.py").write_text(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(processes), str(tmp_path / "script.py"), *map(str, args)],
+                          env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc

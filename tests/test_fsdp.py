@@ -2,16 +2,13 @@
 not care which of the two wrote it or reads it (ALGORITHM.md §13)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import tiny_edm2, tiny_teacher, tiny_vae, write_latents
+from conftest import tiny_edm2, tiny_teacher, tiny_vae, torchrun, write_latents
 
 
 LOSSES = ("fake_score_loss", "d_loss", "g_loss", "g_gan_loss")
@@ -37,16 +34,6 @@ for name, extra in [("ddp", []), ("fsdp", ["--fsdp"]),
         trainer.save_checkpoint()  # the state as this layout loaded it
     trainer.train()
 """
-
-
-def torchrun(tmp_path, script: str, *args, processes: int = 2, timeout: int = 600):
-    (tmp_path / "script.py").write_text(script)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(processes), str(tmp_path / "script.py"), *map(str, args)],
-                          env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
 
 
 def losses(run) -> list:

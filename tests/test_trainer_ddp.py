@@ -1,26 +1,11 @@
 """Two CPU processes under torchrun (gloo), the README's recipe, since `accelerate launch --cpu` runs one."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import tiny_teacher
-
-
-SCRIPT = """
-import sys, torch
-from sida_diffusers.training import SiDATrainer, parse_args
-
-trainer = SiDATrainer(parse_args(sys.argv[1:]))
-trainer.train()
-nets = {name: torch.cat([p.detach().flatten() for p in trainer.unwrap(getattr(trainer, name)).parameters()])
-        for name in ("generator", "generator_ema", "fake_score")}
-torch.save(nets, f"{trainer.output_dir}/params_rank{trainer.accelerator.process_index}.pt")
-"""
+from conftest import RANK_PARAMETERS_SCRIPT, tiny_teacher, torchrun
 
 
 @pytest.mark.slow
@@ -31,16 +16,12 @@ def test_two_processes_finish_with_identical_parameters_on_every_rank(tmp_path, 
     if not cpu_flag and torch.cuda.is_available():
         pytest.skip("the no-flag case is about machines without a GPU")
     tiny_teacher().save_pretrained(tmp_path / "teacher")
-    (tmp_path / "train.py").write_text(SCRIPT)
     out = tmp_path / "run"
     flags = ["--teacher", str(tmp_path / "teacher"), "--method", "sida", "--train_data", "digits", "--resolution", "8",
              "--train_batch_size", "4", "--total_batch_size", "16", "--warmup_kimg", "0", "--adversarial_start_kimg",
              "0.016", "--max_train_kimg", "0.048", "--checkpointing_kimg", "1", "--log_every_kimg", "0.016",
              "--lr", "1e-3", "--glr", "1e-3", "--sample_grid_size", "0", "--seed", "3", *cpu_flag, "--output_dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "train.py"), *flags], env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(tmp_path, RANK_PARAMETERS_SCRIPT, *flags, timeout=240)
     assert "2 process(es) x B=4 x R=2 rounds = 16 images" in proc.stdout
     info = json.loads((out / "checkpoints" / "checkpoint-000000048" / "run_info.json").read_text())
     assert (info["num_processes"], info["total_batch_size"], info["cur_nimg"]) == (2, 16, 48)
@@ -76,17 +57,13 @@ with open(f"{trainer.output_dir}/k_star_rank{rank}.json", "w") as f:
 @pytest.mark.slow
 def test_two_processes_train_the_same_k_star_sequence_of_a_four_step_generator(tmp_path):
     tiny_teacher().save_pretrained(tmp_path / "teacher")
-    (tmp_path / "train.py").write_text(K_STAR_SCRIPT)
     out = tmp_path / "run"
     flags = ["--teacher", str(tmp_path / "teacher"), "--method", "sida", "--train_data", "digits", "--resolution", "8",
              "--train_batch_size", "4", "--total_batch_size", "8", "--warmup_kimg", "0", "--adversarial_start_kimg",
              "0", "--max_train_kimg", "0.064", "--checkpointing_kimg", "1", "--log_every_kimg", "0.016",
              "--num_steps", "4", "--step_sigmas", "karras", "--lr", "1e-3", "--glr", "1e-3", "--sample_grid_size", "0",
              "--seed", "3", "--cpu", "--output_dir", str(out)]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "train.py"), *flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(tmp_path, K_STAR_SCRIPT, *flags, timeout=240)
     drawn = [json.loads((out / f"k_star_rank{r}.json").read_text()) for r in (0, 1)]
     assert drawn[0] == drawn[1] and len(drawn[0]) == 8 and len(set(drawn[0])) > 1  # a real mixture, the same on both
     torch.testing.assert_close(torch.load(out / "generator_rank0.pt"), torch.load(out / "generator_rank1.pt"),

@@ -4,9 +4,6 @@ seeds, a resumed run continues bit for bit, and two gloo processes end with iden
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -16,7 +13,7 @@ from sida_diffusers.pipelines import SiDAPipeline
 from sida_diffusers.pretrained import load_denoiser
 from sida_diffusers.training import SiDATrainer, parse_args
 
-from conftest import params, save_ddpm_folder, tiny_config, tiny_unet2d
+from conftest import RANK_PARAMETERS_SCRIPT, params, save_ddpm_folder, tiny_config, tiny_unet2d, torchrun
 
 
 @pytest.fixture(scope="module")
@@ -120,28 +117,12 @@ def test_a_run_stopped_at_a_checkpoint_and_resumed_equals_the_uninterrupted_run(
             assert logged[round(s["kimg"], 3)][key] == s[key], (s["kimg"], key)
 
 
-TWO_PROCESSES = """
-import sys, torch
-from sida_diffusers.training import SiDATrainer, parse_args
-
-trainer = SiDATrainer(parse_args(sys.argv[1:]))
-trainer.train()
-nets = {name: torch.cat([p.detach().flatten() for p in trainer.unwrap(getattr(trainer, name)).parameters()])
-        for name in ("generator", "generator_ema", "fake_score")}
-torch.save(nets, f"{trainer.output_dir}/params_rank{trainer.accelerator.process_index}.pt")
-"""
-
-
 @pytest.mark.slow
 def test_two_gloo_processes_distil_a_unet2dmodel_teacher_to_identical_parameters(tmp_path, ddpm_teacher):
-    (tmp_path / "train.py").write_text(TWO_PROCESSES)
     out = tmp_path / "run"
     run_flags = flags(ddpm_teacher, out, 0.048, seed=3)
     run_flags[run_flags.index("--total_batch_size") + 1] = "16"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(tmp_path / "train.py"), *run_flags], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = torchrun(tmp_path, RANK_PARAMETERS_SCRIPT, *run_flags, timeout=300)
     assert "2 process(es) x B=4 x R=2 rounds = 16 images" in proc.stdout
     rank0, rank1 = (torch.load(out / f"params_rank{r}.pt") for r in (0, 1))
     teacher = params(load_denoiser(ddpm_teacher))

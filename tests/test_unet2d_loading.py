@@ -71,6 +71,10 @@ def test_a_bare_unet_folder_reads_the_scheduler_config_beside_or_inside_it(ddpm_
     (tmp_path / "alone" / "scheduler_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="UNet2DModel folder without its noise schedule; pass the pipeline"):
         load_denoiser(tmp_path / "alone")
+    # the folder above a lone unet/ (no model_index.json, no scheduler/) names the same problem
+    shutil.copytree(tmp_path / "alone", tmp_path / "parent" / "unet")
+    with pytest.raises(FileNotFoundError, match="unet is a UNet2DModel folder without its noise schedule"):
+        load_denoiser(tmp_path / "parent")
 
 
 def test_a_ddim_pipeline_folder_keeps_its_scheduler_class(tmp_path):

@@ -89,8 +89,8 @@ def find_unet2d(folder: Path, root: Optional[Path] = None) -> Optional[tuple[Pat
         return folder / "unet", folder / "scheduler" / SCHEDULER_FILE
     config_file = folder / "config.json"
     if not config_file.is_file():
-        if (folder / "unet" / "config.json").is_file() and (folder / "scheduler" / SCHEDULER_FILE).is_file():
-            return find_unet2d(folder / "unet", root)  # unet/ + scheduler/ without model_index.json
+        if (folder / "unet" / "config.json").is_file():  # unet/ (+ scheduler/) without model_index.json: a
+            return find_unet2d(folder / "unet", root)       # UNet2DModel there without its schedule is named as such
         return None
     name = _config(config_file, root).get("_class_name")
     if name == "UNet2DConditionModel":
